@@ -1,0 +1,1 @@
+"""Model families. `from deepintuit_jax.models import qwen2_5_vl`."""
