@@ -1,0 +1,302 @@
+"""Qwen2 language decoder of Qwen2.5-VL (GQA, qkv bias, SwiGLU, multimodal RoPE) + KV cache.
+
+Parameter paths (relative to this module, which the full model holds as `model`):
+`embed_tokens.embedding`, `layers.{i}.self_attn.{q,k,v,o}_proj`, `layers.{i}.mlp.{gate,up,down}_proj`,
+`layers.{i}.{input,post_attention}_layernorm.scale`, `norm.scale` (see docs/ARCHITECTURE.md).
+
+Attention masks are boolean and built from three facts: causality over cache slots, the
+per-token validity mask (padding, left or right), and which cache slots hold real tokens.
+Rotary positions are separate from slots: position ids `[3, B, T]` (temporal, height,
+width rows) come from `rope.get_rope_index` or, for text, from the running count of real
+tokens, so a left-padded row has the same positions as the unpadded sequence.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions, TextConfig
+from deepintuit_jax.models.qwen2_5_vl.layers import Embed, Linear, RMSNorm
+
+# Logical axes of each cache array (for sharding a cache with `sharding.logical_to_spec`).
+CACHE_KV_AXES = ("batch", "length", "kv_heads", "head_dim")
+
+
+# ------------------------------------------------------------------------------- rotary
+def mrope_cos_sin(position_ids: jax.Array, head_dim: int, theta: float,
+                  mrope_section: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """Multimodal rotary tables, as HF's Qwen2.5-VL text rotary embedding.
+
+  Frequency j (of head_dim/2) takes its position from row `i % 3` of `position_ids`, where i
+  is the mrope_section chunk holding j; the half table is then duplicated (rotate-half layout).
+
+  Args:
+    position_ids: [3, B, T] int (a [B, T] array is broadcast to the three rows).
+  Returns:
+    cos, sin: [B, T, head_dim] float32.
+  """
+  position_ids = jnp.asarray(position_ids)
+  if position_ids.ndim == 2:
+    position_ids = jnp.broadcast_to(position_ids[None], (3,) + position_ids.shape)
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  rows = np.concatenate([np.full(n, i % 3, np.int32) for i, n in enumerate(mrope_section)])
+  pos = jnp.moveaxis(position_ids, 0, -1)[..., rows].astype(jnp.float32)  # [B, T, hd/2]
+  freqs = pos * jnp.asarray(inv_freq, jnp.float32)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [B, T, N, hd] rotated by cos/sin [B, T, hd] (rotate-half), computed in float32."""
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------- KV cache
+@flax.struct.dataclass
+class KVCache:
+  """Per-layer keys/values plus the bookkeeping that makes padded batches decode exactly.
+
+  k, v: tuples (one per layer) of [B, S, K, hd]; slot s of every row was written by the same
+    call, so all rows share `index` (the next free slot).
+  valid: [B, S] bool, slots holding real (non-padding) tokens.
+  lengths: [B] int32, number of real tokens per row.
+  next_position: [B] int32, rotary position of the row's next text token (max position + 1).
+  `rope_deltas = next_position - lengths` (HF's definition).
+  """
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  valid: jax.Array
+  index: jax.Array
+  lengths: jax.Array
+  next_position: jax.Array
+
+  @classmethod
+  def create(cls, config: TextConfig, batch: int, max_len: int, dtype: Any = jnp.float32
+             ) -> "KVCache":
+    """An empty cache for `batch` rows and `max_len` slots (prompt + new tokens)."""
+    if batch < 1 or max_len < 1:
+      raise ValueError(f"KVCache.create: batch={batch} and max_len={max_len} must be >= 1")
+    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+    return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
+               valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
+               lengths=jnp.zeros((batch,), jnp.int32),
+               next_position=jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.valid.shape[1]
+
+  @property
+  def batch(self) -> int:
+    return self.valid.shape[0]
+
+  @property
+  def rope_deltas(self) -> jax.Array:
+    """[B] int32: next_position - lengths."""
+    return self.next_position - self.lengths
+
+
+def _concrete_int(x) -> int | None:
+  """int(x) when x is concrete, None under tracing (so checks run eagerly only)."""
+  try:
+    return int(x)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+    return None
+
+
+def default_position_ids(attention_mask: jax.Array, cache: KVCache | None = None) -> jax.Array:
+  """Text positions [3, B, T]: running count of real tokens (continuing the cache's rows).
+
+  Padding tokens get position 0 (as HF's get_rope_index); they are never attended to.
+  """
+  mask = attention_mask.astype(jnp.int32)
+  pos = jnp.cumsum(mask, axis=-1) - 1
+  if cache is not None:
+    pos = pos + cache.next_position[:, None]
+  pos = jnp.where(mask > 0, pos, 0).astype(jnp.int32)
+  return jnp.broadcast_to(pos[None], (3,) + pos.shape)
+
+
+# ------------------------------------------------------------------------------- blocks
+class Attention(nnx.Module):
+  """Grouped-query self-attention with q/k/v bias and multimodal RoPE."""
+
+  def __init__(self, config: TextConfig, opts: RuntimeOptions, *, rngs: nnx.Rngs):
+    d, h, k, hd = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                   config.head_dim)
+    self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
+    self.attention_impl = opts.attention_impl
+    kw = dict(dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
+    self.q_proj = Linear(d, h * hd, use_bias=True, axes=("embed", "heads"), **kw)
+    self.k_proj = Linear(d, k * hd, use_bias=True, axes=("embed", "kv_heads"), **kw)
+    self.v_proj = Linear(d, k * hd, use_bias=True, axes=("embed", "kv_heads"), **kw)
+    self.o_proj = Linear(h * hd, d, use_bias=False, axes=("heads", "embed"), **kw)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """x [B, T, D]; mask [B, 1, T, S] bool; kv: cache ([B, S, K, hd] x2) written at `index`.
+
+    Returns (out [B, T, D], updated kv or None). Without a cache S == T.
+    """
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if kv is not None:
+      ck, cv = kv
+      start = (0, index, 0, 0)
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+      kv = (ck, cv)
+      k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+    return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+  def __init__(self, config: TextConfig, opts: RuntimeOptions, *, rngs: nnx.Rngs):
+    d, f = config.hidden_size, config.intermediate_size
+    kw = dict(use_bias=False, dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
+    self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+    self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+    self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: TextConfig, opts: RuntimeOptions, *, rngs: nnx.Rngs):
+    kw = dict(eps=config.rms_norm_eps, dtype=opts.dtype, param_dtype=opts.param_dtype)
+    self.self_attn = Attention(config, opts, rngs=rngs)
+    self.mlp = MLP(config, opts, rngs=rngs)
+    self.input_layernorm = RMSNorm(config.hidden_size, **kw)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, **kw)
+
+  def __call__(self, x, cos, sin, mask, kv=None, index=None):
+    """x [B, T, D] -> ([B, T, D], kv); see Attention for the other arguments."""
+    h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return x, kv
+
+
+def _call_layer(layer: DecoderLayer, x, cos, sin, mask, kv, index):
+  return layer(x, cos, sin, mask, kv, index)
+
+
+def _remat_policy(name: str):
+  return None if name == "full" else getattr(jax.checkpoint_policies, name)
+
+
+class TextModel(nnx.Module):
+  """The Qwen2 decoder stack (HF `model.*` / `model.language_model.*`), without the LM head."""
+
+  def __init__(self, config: TextConfig, opts: RuntimeOptions = RuntimeOptions(), *,
+               rngs: nnx.Rngs):
+    self.config, self.opts = config, opts
+    self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=opts.dtype,
+                              param_dtype=opts.param_dtype, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(config, opts, rngs=rngs)
+                            for _ in range(config.num_hidden_layers)])
+    self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=opts.dtype,
+                        param_dtype=opts.param_dtype)
+
+  def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
+               position_ids: jax.Array | None = None, cache: KVCache | None = None,
+               output_hidden_states: bool = False
+               ) -> tuple[jax.Array, tuple[jax.Array, ...] | None, KVCache | None]:
+    """Runs the decoder.
+
+    Args:
+      inputs_embeds: [B, T, D].
+      attention_mask: [B, T] (1/True = real token); None = all real.
+      position_ids: [3, B, T] or [B, T] int; None = `default_position_ids` (continuing
+        the cache when given).
+      cache: a KVCache with room for T more slots; the new keys/values go to slots
+        [cache.index, cache.index + T).
+      output_hidden_states: also return HF's hidden-state tuple (L + 1 arrays [B, T, D]:
+        embeddings, outputs of layers 0..L-2, and the final-normed output of layer L-1).
+    Returns:
+      (final-normed hidden [B, T, D], hidden states tuple or None, updated cache or None).
+    """
+    b, t, _ = inputs_embeds.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), bool)
+    attention_mask = jnp.asarray(attention_mask).astype(bool)
+    if attention_mask.shape != (b, t):
+      raise ValueError(f"attention_mask shape {attention_mask.shape} != inputs ({b}, {t})")
+    if cache is not None and cache.batch != b:
+      raise ValueError(f"cache batch {cache.batch} != input batch {b}")
+    if position_ids is None:
+      position_ids = default_position_ids(attention_mask, cache)
+    position_ids = jnp.asarray(position_ids, jnp.int32)
+    if position_ids.ndim == 2:
+      position_ids = jnp.broadcast_to(position_ids[None], (3, b, t))
+    if position_ids.shape != (3, b, t):
+      raise ValueError(f"position_ids shape {position_ids.shape} != (3, {b}, {t})")
+    cfg = self.config
+    cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+
+    if cache is None:
+      q_slot = jnp.arange(t)
+      k_slot = jnp.arange(t)
+      key_valid = attention_mask
+      index = None
+    else:
+      start = _concrete_int(cache.index)
+      if start is not None and start + t > cache.max_len:
+        raise ValueError(f"KV cache overflow: {start} slots used + {t} new tokens > max_len "
+                         f"{cache.max_len}; create the cache with a larger max_len")
+      index = cache.index
+      q_slot = index + jnp.arange(t)
+      k_slot = jnp.arange(cache.max_len)
+      key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
+    # [B, 1, T, S]: causal over slots, real keys only; a query always sees itself so that
+    # padding rows stay finite under any attention kernel.
+    causal = k_slot[None, :] <= q_slot[:, None]
+    mask = (causal[None] & key_valid[:, None, :]) | (k_slot[None, :] == q_slot[:, None])[None]
+    mask = mask[:, None]
+
+    call = _call_layer
+    if self.opts.remat != "none":
+      call = nnx.remat(_call_layer, policy=_remat_policy(self.opts.remat))
+    x = inputs_embeds.astype(self.opts.dtype)
+    hidden = [] if output_hidden_states else None
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      if hidden is not None:
+        hidden.append(x)
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      x, kv = call(layer, x, cos, sin, mask, kv, index)
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    x = self.norm(x)
+    if hidden is not None:
+      hidden.append(x)
+      hidden = tuple(hidden)
+
+    if cache is not None:
+      n_new = attention_mask.sum(-1).astype(jnp.int32)
+      # Positions of real tokens only: max over the 3 rope rows and the valid tokens.
+      last = jnp.max(jnp.where(attention_mask[None], position_ids, -1), axis=(0, 2)) + 1
+      cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid, index=cache.index + t,
+                      lengths=cache.lengths + n_new,
+                      next_position=jnp.maximum(cache.next_position, last.astype(jnp.int32)))
+    return x, hidden, cache

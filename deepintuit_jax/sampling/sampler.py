@@ -1,0 +1,214 @@
+"""KV-cache sampler for Qwen2.5-VL: one prefill, then a `lax.while_loop` of one-token steps.
+
+Shared by GRPO rollouts, trace generation and evaluation. `sample` is jitted and compiles
+once per (batch, prompt length, max_new_tokens) and vision-input shapes; temperature and
+top_p are traced scalars, so changing them does not recompile.
+
+Log-probabilities: `logprobs[b, i]` is the log-probability of the emitted token under the
+raw policy, i.e. log_softmax of the unscaled logits (temperature 1, no top-p
+renormalisation), whatever temperature / top_p were used to draw it. This is the quantity
+GRPO's importance ratios need (the recipe samples at temperature 1.0, top-p 1.0, where the
+two coincide); at other settings it is not the probability of the sampling distribution.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepintuit_jax.models.qwen2_5_vl import rope, vision
+from deepintuit_jax.models.qwen2_5_vl.model import check_vision_tokens
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  """tokens [B, N] int32 (pad_token_id after a row stops); logprobs [B, N] float32 (0 after
+  a row stops); lengths [B] int32: tokens emitted per row, a stop token included."""
+  tokens: jax.Array
+  logprobs: jax.Array
+  lengths: jax.Array
+
+
+def top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Keeps the smallest set of most likely tokens whose mass reaches `top_p` (nucleus).
+
+  logits [B, V] float32 -> [B, V] with dropped entries at -inf. The most likely token is
+  always kept; tokens tied with the last kept logit are kept too.
+  """
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep = mass_before < top_p
+  keep = keep.at[:, 0].set(True)
+  threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def choose_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Greedy when temperature == 0, else temperature + top-p sampling.
+
+  logits [B, V] float32 -> (tokens [B] int32, raw log-probs [B] float32, see module doc).
+  """
+  logits = logits.astype(jnp.float32)
+
+  def draw():
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    scaled = jax.lax.cond(top_p < 1.0, lambda: top_p_filter(scaled, top_p), lambda: scaled)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+  tokens = jax.lax.cond(temperature > 0, draw,
+                        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def _last_real_index(mask: jax.Array) -> jax.Array:
+  """[B, P] bool -> [B] index of each row's last real token (left or right padding)."""
+  p = mask.shape[1]
+  return (p - 1 - jnp.argmax(mask[:, ::-1], axis=-1)).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "num_samples",
+                                             "cache_dtype"))
+def _sample_jit(graphdef, state, batch: dict, rng, temperature, top_p, stop_ids, pad_id, *,
+                max_new_tokens: int, num_samples: int, cache_dtype):
+  model = nnx.merge(graphdef, state)
+  batch = dict(batch)
+  ids, mask = batch.pop("input_ids"), batch.pop("attention_mask")
+  b, p = ids.shape
+  n = max_new_tokens
+  cache = model.init_cache(b, p + n, cache_dtype)
+  out = model(ids, mask, cache=cache, logits_to_keep=_last_real_index(mask)[:, None], **batch)
+  logits, cache = out.logits[:, 0], out.cache
+  if num_samples > 1:
+    # One prefill (vision tower included) per prompt, then G independent continuations:
+    # rows b*G .. b*G + G-1 share prompt b.
+    repeat = lambda x: x if x.ndim == 0 else jnp.repeat(x, num_samples, axis=0)
+    logits, cache = repeat(logits), jax.tree.map(repeat, cache)
+    b = b * num_samples
+  tok, lp = choose_tokens(logits, jax.random.fold_in(rng, 0), temperature, top_p)
+  tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
+  logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
+  finished = jnp.isin(tok, stop_ids)
+  lengths = jnp.ones((b,), jnp.int32)
+
+  def cond(carry):
+    i, _, _, finished, *_ = carry
+    return (i < n) & ~jnp.all(finished)
+
+  def body(carry):
+    i, cache, prev, finished, tokens, logprobs, lengths = carry
+    step = model(prev[:, None], jnp.ones((b, 1), bool), cache=cache)
+    tok, lp = choose_tokens(step.logits[:, 0], jax.random.fold_in(rng, i), temperature, top_p)
+    tok = jnp.where(finished, pad_id, tok)
+    lp = jnp.where(finished, 0.0, lp)
+    tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
+    logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, i))
+    lengths = lengths + (~finished).astype(jnp.int32)
+    finished = finished | jnp.isin(tok, stop_ids)
+    return i + 1, step.cache, tok, finished, tokens, logprobs, lengths
+
+  carry = (jnp.ones((), jnp.int32), cache, tok, finished, tokens, logprobs, lengths)
+  _, _, _, _, tokens, logprobs, lengths = jax.lax.while_loop(cond, body, carry)
+  return SampleOutput(tokens=tokens, logprobs=logprobs, lengths=lengths)
+
+
+def sample(model: nnx.Module, input_ids, attention_mask, *, rng: jax.Array, max_new_tokens: int,
+           temperature: float = 0.0, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
+           pad_token_id: int = 0, position_ids=None, pixel_values=None, image_layout=None,
+           pixel_values_videos=None, video_layout=None, num_samples: int = 1,
+           cache_dtype: Any = None) -> SampleOutput:
+  """Samples up to `max_new_tokens` per row with a KV cache (device arrays in, out).
+
+  Args:
+    model: a `Qwen2_5_VL`.
+    input_ids, attention_mask: [B, P] prompts; left padding is the usual layout, right
+      padding works too (each row continues after its own last real token).
+    rng: a jax PRNG key; step i uses fold_in(rng, i), so results are reproducible.
+    temperature: 0 = greedy (argmax); else logits / temperature are sampled.
+    top_p: nucleus mass; 1.0 disables the filter.
+    stop_token_ids: a row stops after emitting any of these (e.g. <|im_end|>, <|endoftext|>).
+    position_ids: [3, B, P] rope positions; required with vision inputs (use `generate`
+      for NumPy inputs, which computes them); None = text positions from the mask.
+    pixel_values / pixel_values_videos with their `vision_layout`s: vision inputs.
+    num_samples: G continuations per prompt from a single prefill (GRPO groups); output
+      rows b*G .. b*G + G-1 belong to prompt b.
+    cache_dtype: KV cache dtype, default the model's compute dtype.
+  Returns:
+    SampleOutput(tokens [B*G, N], logprobs [B*G, N], lengths [B*G]).
+  """
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  has_vision = pixel_values is not None or pixel_values_videos is not None
+  if has_vision and position_ids is None:
+    raise ValueError("vision inputs need position_ids (rope.get_rope_index); use generate() "
+                     "to compute them from NumPy inputs")
+  if (pixel_values is None) != (image_layout is None) or (
+      (pixel_values_videos is None) != (video_layout is None)):
+    raise ValueError("pass each of pixel_values / pixel_values_videos with its layout")
+  batch = dict(input_ids=jnp.asarray(input_ids, jnp.int32),
+               attention_mask=jnp.asarray(attention_mask).astype(bool))
+  for k, v in dict(position_ids=position_ids, pixel_values=pixel_values,
+                   image_layout=image_layout, pixel_values_videos=pixel_values_videos,
+                   video_layout=video_layout).items():
+    if v is not None:
+      batch[k] = v
+  stop = np.asarray(list(stop_token_ids) or [-1], np.int32)  # -1 never matches a token
+  graphdef, state = nnx.split(model)
+  return _sample_jit(graphdef, state, batch, rng, jnp.float32(temperature), jnp.float32(top_p),
+                     jnp.asarray(stop), jnp.int32(pad_token_id), max_new_tokens=max_new_tokens,
+                     num_samples=num_samples, cache_dtype=cache_dtype)
+
+
+def generate(model: nnx.Module, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+             *, max_new_tokens: int, rng: jax.Array | int = 0, temperature: float = 0.0,
+             top_p: float = 1.0, stop_token_ids: Sequence[int] = (), pad_token_id: int = 0,
+             pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+             video_grid_thw=None, second_per_grid_ts=None, image_layout=None, video_layout=None,
+             position_ids=None, num_samples: int = 1, cache_dtype: Any = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`sample` for NumPy inputs as transformers' processor returns them.
+
+  Computes rope positions (`rope.get_rope_index`) and vision layouts (`vision.vision_layout`)
+  on the host when not given. `rng` may be an int seed.
+  Returns NumPy (tokens [B*G, N] int32, logprobs [B*G, N] float32, lengths [B*G] int32),
+  G = num_samples.
+  """
+  cfg = model.config
+  input_ids = np.asarray(input_ids)
+  mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+  # Inside the jitted sampler the count check cannot run; do it here on the host.
+  for kind, pix, grid in (("image", pixel_values, image_grid_thw),
+                          ("video", pixel_values_videos, video_grid_thw)):
+    if pix is not None and grid is not None:
+      check_vision_tokens(cfg, input_ids, kind, np.asarray(grid))
+  if pixel_values is not None and image_layout is None:
+    image_layout = vision.vision_layout(np.asarray(image_grid_thw), cfg.vision)
+  if pixel_values_videos is not None and video_layout is None:
+    video_layout = vision.vision_layout(np.asarray(video_grid_thw), cfg.vision)
+  if position_ids is None and (image_grid_thw is not None or video_grid_thw is not None):
+    position_ids, _ = rope.get_rope_index(
+        cfg, input_ids, mask, None if image_grid_thw is None else np.asarray(image_grid_thw),
+        None if video_grid_thw is None else np.asarray(video_grid_thw),
+        None if second_per_grid_ts is None else np.asarray(second_per_grid_ts))
+  if isinstance(rng, int):
+    rng = jax.random.key(rng)
+  out = sample(model, input_ids, mask, rng=rng, max_new_tokens=max_new_tokens,
+               temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids,
+               pad_token_id=pad_token_id, position_ids=position_ids,
+               pixel_values=pixel_values, image_layout=image_layout,
+               pixel_values_videos=pixel_values_videos, video_layout=video_layout,
+               num_samples=num_samples, cache_dtype=cache_dtype)
+  return np.asarray(out.tokens), np.asarray(out.logprobs), np.asarray(out.lengths)
