@@ -215,7 +215,11 @@ class Qwen2_5_VLConfig:
             temporal_patch_size=v.temporal_patch_size,
             spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
             fullatt_block_indexes=list(v.fullatt_block_indexes),
-            out_hidden_size=v.out_hidden_size, tokens_per_second=v.tokens_per_second,
+            out_hidden_size=v.out_hidden_size,
+            # transformers>=5 validates an int here (the released configs hold 2).
+            tokens_per_second=(int(v.tokens_per_second)
+                               if float(v.tokens_per_second).is_integer()
+                               else v.tokens_per_second),
             hidden_act=v.hidden_act),
         image_token_id=self.image_token_id, video_token_id=self.video_token_id,
         vision_start_token_id=self.vision_start_token_id,

@@ -99,3 +99,23 @@ def assign_hf_tensors(module: nnx.Module, tensors: Mapping[str, np.ndarray], pre
     current = var.get_value()
     value = from_hf_tensor(key, tensors[key], current.shape, source=source)
     var.set_value(jnp.asarray(value, dtype=current.dtype))
+
+
+def hf_param_shapes(config) -> dict[str, tuple[int, ...]]:
+  """HF key (flat layout) -> HF tensor shape for every parameter of a model of `config`.
+
+  Built abstractly (no memory); the lm_head is absent when the embeddings are tied.
+  """
+  from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
+  abstract = nnx.eval_shape(lambda: Qwen2_5_VL(config, rngs=nnx.Rngs(0)))
+  out = {}
+  for path, var in param_items(abstract):
+    key = hf_key_for_path(path)
+    shape = tuple(var.get_value().shape)
+    if key == PATCH_EMBED:
+      v = config.vision
+      shape = (shape[1], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    elif key.endswith(".weight") and len(shape) == 2 and not key.endswith("embed_tokens.weight"):
+      shape = shape[::-1]
+    out[key] = shape
+  return out
