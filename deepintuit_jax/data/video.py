@@ -7,3 +7,6 @@ Public API (implementations in `video_decode.py` and `video_preprocess.py`):
 from deepintuit_jax.data.video_decode import (  # noqa: F401  (re-exports)
     IMAGE_EXTENSIONS, SAMPLING, UNSUPPORTED_FORMAT, VIDEO_EXTENSIONS, VideoClip, load_video,
     natural_key, sample_indices_fps, sample_indices_release)
+from deepintuit_jax.data.video_preprocess import (  # noqa: F401  (re-exports)
+    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, preprocess_image, preprocess_video, resize_bicubic_aa,
+    second_per_grid, smart_resize)
