@@ -58,15 +58,15 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, frozen: Sequ
 
 def next_token_ce(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
                   ) -> tuple[jax.Array, jax.Array]:
-  """Summed cross-entropy of predicting token t from position t-1, and its token count.
+  """Summed cross-entropy of predicting input_ids[t + 1] from logits[t], and its count.
 
-  logits [B, T, V] float32; input_ids [B, T] int; loss_mask [B, T] (1 where input_ids[t]
-  is a target, i.e. the mask is aligned with the targets; position 0 is never one).
-  Returns (sum [] float32, count [] float32).
+  logits [B, T, V] float32; input_ids [B, T] int; loss_mask [B, T]: 1 where the *next*
+  token input_ids[t + 1] is a target, i.e. aligned with the logits (data/chat.py; the last
+  position is never one). Returns (sum [] float32, count [] float32).
   """
   logits = logits[:, :-1].astype(jnp.float32)
   targets = input_ids[:, 1:]
-  weights = loss_mask[:, 1:].astype(jnp.float32)
+  weights = loss_mask[:, :-1].astype(jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return jnp.sum((logz - target_logit) * weights), jnp.sum(weights)

@@ -28,7 +28,7 @@ def _batch(rng, b, t, n_real):
   loss = np.zeros((b, t), np.int32)
   for i, n in enumerate(n_real):
     mask[i, :n] = 1
-    loss[i, n // 2:n] = 1  # the "assistant" half, aligned with targets
+    loss[i, n // 2 - 1:n - 1] = 1  # predicts the "assistant" half (logit-aligned)
   ids[mask == 0] = 0
   return dict(input_ids=ids, attention_mask=mask, loss_mask=loss)
 
@@ -37,14 +37,14 @@ def test_next_token_ce_matches_numpy():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
   ids = rng.integers(0, 7, (2, 5))
-  mask = np.array([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])
+  mask = np.array([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
   s, n = sft.next_token_ce(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask))
   ref, cnt = 0.0, 0
   for b in range(2):
-    for t in range(1, 5):
+    for t in range(4):
       if mask[b, t]:
-        row = logits[b, t - 1].astype(np.float64)
-        ref += np.log(np.exp(row).sum()) - row[ids[b, t]]
+        row = logits[b, t].astype(np.float64)
+        ref += np.log(np.exp(row).sum()) - row[ids[b, t + 1]]
         cnt += 1
   assert int(n) == cnt == 5
   np.testing.assert_allclose(float(s), ref, rtol=1e-5)
