@@ -50,14 +50,19 @@ def to_hf_tensor(key: str, value: np.ndarray) -> np.ndarray:
   return value
 
 
+def ours_view(key: str, value: np.ndarray) -> np.ndarray:
+  """HF layout -> our layout as a view (transpose / reshape, no copy of a memory map)."""
+  if key == PATCH_EMBED:
+    return value.reshape(value.shape[0], -1).T
+  if key.endswith(".weight") and value.ndim == 2 and not key.endswith("embed_tokens.weight"):
+    return value.T
+  return value
+
+
 def from_hf_tensor(key: str, value: np.ndarray, expected_shape: tuple[int, ...],
                    *, source: str = "") -> np.ndarray:
   """HF layout -> our layout, checking the shape. `source` names the file in errors."""
-  value = np.asarray(value)
-  if key == PATCH_EMBED:
-    value = value.reshape(value.shape[0], -1).T
-  elif key.endswith(".weight") and value.ndim == 2 and not key.endswith("embed_tokens.weight"):
-    value = value.T
+  value = ours_view(key, np.asarray(value))
   if tuple(value.shape) != tuple(expected_shape):
     where = f" in {source}" if source else ""
     raise ValueError(
@@ -101,21 +106,30 @@ def assign_hf_tensors(module: nnx.Module, tensors: Mapping[str, np.ndarray], pre
     var.set_value(jnp.asarray(value, dtype=current.dtype))
 
 
+def hf_shape(key: str, shape: tuple[int, ...], vision=None) -> tuple[int, ...]:
+  """The HF tensor shape of our parameter `shape` stored under `key` (patch embed: Conv3d)."""
+  shape = tuple(shape)
+  if key == PATCH_EMBED:
+    c, t, p = vision.in_channels, vision.temporal_patch_size, vision.patch_size
+    return (shape[1], c, t, p, p)
+  if key.endswith(".weight") and len(shape) == 2 and not key.endswith("embed_tokens.weight"):
+    return shape[::-1]
+  return shape
+
+
+def abstract_model(config, opts=None):
+  """The model of `config` built with nnx.eval_shape (ShapeDtypeStruct leaves, no memory)."""
+  from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions
+  from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
+  opts = opts or RuntimeOptions()
+  return nnx.eval_shape(lambda: Qwen2_5_VL(config, opts, rngs=nnx.Rngs(0)))
+
+
 def hf_param_shapes(config) -> dict[str, tuple[int, ...]]:
   """HF key (flat layout) -> HF tensor shape for every parameter of a model of `config`.
 
   Built abstractly (no memory); the lm_head is absent when the embeddings are tied.
   """
-  from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
-  abstract = nnx.eval_shape(lambda: Qwen2_5_VL(config, rngs=nnx.Rngs(0)))
-  out = {}
-  for path, var in param_items(abstract):
-    key = hf_key_for_path(path)
-    shape = tuple(var.get_value().shape)
-    if key == PATCH_EMBED:
-      v = config.vision
-      shape = (shape[1], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-    elif key.endswith(".weight") and len(shape) == 2 and not key.endswith("embed_tokens.weight"):
-      shape = shape[::-1]
-    out[key] = shape
-  return out
+  return {hf_key_for_path(path): hf_shape(hf_key_for_path(path), var.get_value().shape,
+                                          config.vision)
+          for path, var in param_items(abstract_model(config))}
