@@ -1,0 +1,89 @@
+"""Shared config presets. Every stage config builds on these; `main.py` turns the
+resolved ConfigDict into frozen dataclasses once (library code never reads it).
+
+Conventions: empty string = "not set" (use the default described next to the key);
+0 for step counts = "not set".
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# The release's recipe (../shared/RECIPE.md, stage 0), used whenever model.checkpoint is a
+# real checkpoint.
+RECIPE_SFT = dict(learning_rate=2e-5, warmup_ratio=0.06, weight_decay=0.0, b1=0.9,
+                  b2=0.999, eps=1e-8, epochs=5, batch_size=64, grad_clip=1.0)
+RECIPE_DATA = dict(max_frames=32, max_pixels=200704)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """big_vision-style `--config=path:key=value,flag` args: "real,steps=10" ->
+  {real: True, steps: 10} over `defaults` (values typed like their defaults; unknown
+  names are an error)."""
+  out = dict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, eq, value = part.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"config arg {key!r} unknown; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    if not eq:
+      out[key] = True
+    elif kind is bool:
+      out[key] = value.strip().lower() in ("1", "true", "yes")
+    else:
+      out[key] = kind(value)
+  return ml_collections.ConfigDict(out)
+
+
+def model_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      checkpoint="",      # HF directory; "" = the built-in tiny model (written once to cache_dir)
+      cache_dir="",       # "" = $DEEPINTUIT_CACHE or ~/.cache/deepintuit_jax
+      dtype="bfloat16",   # compute dtype
+      param_dtype="float32",  # master weights
+      remat="none",       # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+      attention_impl="",  # "" (XLA picks) | xla | cudnn
+  ))
+
+
+def data_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      train_file="",      # release-format JSON/JSONL; "" = the generated benchmark
+      eval_files="",      # "name=path,name=path"; with the generated benchmark "" means
+                          # its test_close and test_open splits; "none" = no eval
+      class_file="",      # "" = labels taken from the records
+      video_root="",      # where video paths of the annotations are looked up
+      on_bad_sample="error",  # error | skip
+      max_frames=32,
+      max_pixels=200704,
+      min_pixels=3136,
+      max_seq_len=8192,
+      sampling="release",  # release | fps
+      num_workers=0,      # Grain decode processes
+      synthetic_train=300,  # generated benchmark sizes (only when train_file is "")
+      synthetic_test=72,
+  ))
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  # (data, fsdp, tensor); one -1 takes the remaining devices.
+  return ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+
+
+def checkpoint_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      every_steps=500,
+      keep=2,             # latest complete checkpoints kept
+      export=True,        # write an HF directory (with tokenizer) at the end: <workdir>/hf
+      async_save=True,
+  ))
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      every_steps=0,      # 0 = only at the end
+      batch_size=8,
+      max_new_tokens=512,
+      temperature=0.0,    # 0 = greedy
+      max_items=0,        # 0 = every item of each split
+  ))

@@ -1,0 +1,68 @@
+"""Stage 0, cold-start SFT (../shared/RECIPE.md).
+
+    python -m deepintuit_jax.main --config=configs/sft.py              # embedded default
+    python -m deepintuit_jax.main --config=configs/sft.py \
+        --config.model.checkpoint=/path/Qwen2.5-VL-7B-Instruct \
+        --config.data.train_file=train.json --config.data.video_root=/videos
+
+Arg variants (`--config=configs/sft.py:real`): `real` forces the release's recipe
+(otherwise it applies whenever model.checkpoint is set; see `finalize` in main.py's SFT
+stage); `pulse` a few-step smoke run.
+
+With model.checkpoint empty the defaults are the tiny-model ones: a higher lr, vision
+trainable (the tiny model is random), small batches, enough steps to learn in minutes.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, real=False, pulse=False)
+  c = ml_collections.ConfigDict()
+  c.stage = "sft"
+  c.seed = 42
+  c.init_from = ""  # an HF dir or another stage's workdir/checkpoints (own checkpoints win)
+  c.recipe = "auto"  # auto (release recipe iff model.checkpoint is set) | release | tiny
+  c.model = common.model_config()
+  c.data = common.data_config()
+  c.mesh = common.mesh_config()
+  c.checkpoint = common.checkpoint_config()
+  c.eval = common.eval_config()
+  # -1 / "auto" = by recipe: the release's values (RECIPE_SFT) for a real checkpoint,
+  # the tiny-model values of `TINY` for the built-in tiny model.
+  c.data.max_frames = -1
+  c.data.max_pixels = -1
+  c.eval.max_new_tokens = -1
+  c.checkpoint.every_steps = -1
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=0,        # > 0 overrides epochs
+      epochs=-1,
+      batch_size=-1,      # global
+      micro_batch_size=0,  # global batch of one accumulation step; 0 = batch_size
+      learning_rate=-1.0,
+      warmup_ratio=0.06,
+      weight_decay=0.0,
+      b1=0.9, b2=0.999, eps=1e-8,
+      grad_clip=1.0,      # max global norm; 0 = off
+      frozen="auto",      # comma-separated regexes over parameter paths ('visual.blocks.0...');
+                          # auto = "^visual\\." (real) / "" (tiny: its random tower must learn)
+      log_every=1,
+  ))
+  if args.real:
+    c.recipe = "release"
+  if args.pulse:
+    c.train.num_steps = 3
+    c.checkpoint.every_steps = 2
+    c.data.synthetic_train, c.data.synthetic_test = 16, 4
+    c.eval.max_new_tokens = 8
+  return c
+
+
+# What "-1 / auto" resolves to for each recipe (read by deepintuit_jax.trainers.sft_stage).
+RELEASE = dict(common.RECIPE_SFT, **common.RECIPE_DATA, frozen=r"^visual\.", max_new_tokens=2048,
+               every_steps=500)
+TINY = dict(learning_rate=3e-3, warmup_ratio=0.06, epochs=3, batch_size=8, max_frames=8,
+            max_pixels=64 * 28 * 28, frozen="", max_new_tokens=96, every_steps=50)
