@@ -1,0 +1,288 @@
+"""Grain input pipelines: training batches with exact resume, and evaluation batches.
+
+Training (`make_train_loader`): the records of this process's shard (records
+`process_index::process_count`, cut to the same count on every process) are a Grain
+`MapDataset` of record indices, shuffled with a different order each epoch (Grain folds the
+epoch into the seed), repeated, and mapped by `examples.ExampleBuilder` (video decode,
+preprocessing, tokenisation) in worker processes (`num_workers`, 0 = in-process). The main
+process takes examples in order, handles bad-sample markers (raise or count), and pads each
+batch (`batching.collate`). An epoch's last partial batch is dropped or padded with dummy
+rows (`drop_remainder`). `get_state()` is taken between batches and is JSON-serialisable;
+`set_state()` on a fresh loader built with the same arguments continues with exactly the
+same batches.
+
+Evaluation (`make_eval_batches`): records in order (this process's shard), fixed slots of
+`batch_size` records per batch, bad records replaced by dummy rows, so that every process
+yields the same number of batches (ceil(ceil(n / process_count) / batch_size)).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+
+from deepintuit_jax.data import batching, chat
+from deepintuit_jax.data.errors import BadSample, SkipLedger
+from deepintuit_jax.data.examples import ExampleBuilder, PipelineOptions, marker_error
+
+__all__ = ["PipelineOptions", "Loader", "make_train_loader", "make_eval_batches", "HOST_KEYS"]
+HOST_KEYS = batching.HOST_KEYS
+_STATE_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+  return int(process_index), int(process_count)
+
+
+def _builder(records, tokenizer, model_config, options, for_generation) -> ExampleBuilder:
+  v = model_config.vision
+  return ExampleBuilder(records, tokenizer, options, patch_size=v.patch_size,
+                        temporal_patch_size=v.temporal_patch_size,
+                        merge_size=v.spatial_merge_size, for_generation=for_generation)
+
+
+def _unexpected(marker: dict[str, Any]) -> RuntimeError:
+  item_id, path, msg, tb = marker["error"]
+  return RuntimeError(f"data pipeline failed on item {item_id!r} (file {path!r}): {msg}\n{tb}")
+
+
+def _mp_prefetch(it_ds, num_workers: int, per_worker_buffer_size: int = 1):
+  """Grain worker processes. Grain reads absl flags; outside an absl app (notebooks, tests)
+  they are unparsed, so their defaults are taken (marking them parsed) first."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return it_ds.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=num_workers, per_worker_buffer_size=per_worker_buffer_size))
+
+
+class _PosMap:
+  """Picklable `(pos, record_index)` adapter for `MapDataset.map_with_index`."""
+
+  def __init__(self, builder: ExampleBuilder):
+    self.builder = builder
+
+  def __call__(self, pos: int, index: int) -> dict[str, Any]:
+    return self.builder(pos, index)
+
+
+class Loader:
+  """Iterator of training batches (see the module docstring). Close it when done."""
+
+  def __init__(self, builder: ExampleBuilder, indices: Sequence[int], *, model_config,
+               options: PipelineOptions, batch_size: int, num_epochs: int | None,
+               pad_id: int, ledger: SkipLedger | None = None, process_index: int = 0):
+    if batch_size <= 0:
+      raise ValueError(f"batch_size={batch_size} must be positive")
+    if num_epochs is not None and num_epochs <= 0:
+      raise ValueError(f"num_epochs={num_epochs} must be positive or None (forever)")
+    if not indices:
+      raise ValueError("no records for this process (empty dataset or fewer records than "
+                       "processes)")
+    self.options, self.batch_size, self.num_epochs = options, batch_size, num_epochs
+    self.model_config, self.pad_id, self.process_index = model_config, pad_id, process_index
+    self.epoch_size = len(indices)
+    self.ledger = ledger if ledger is not None else SkipLedger()
+    self.epoch_ledger = SkipLedger()
+    self.epoch_summaries: list[str] = []
+    ds = grain.MapDataset.source(list(indices))
+    if options.shuffle:
+      ds = ds.shuffle(seed=options.seed)
+    ds = ds.repeat(num_epochs).map_with_index(_PosMap(builder))
+    buffer = max(1, options.prefetch_batches * batch_size)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=options.num_threads,
+                                                 prefetch_buffer_size=buffer))
+    if options.num_workers > 0:
+      per_worker = max(1, -(-buffer // options.num_workers))
+      it_ds = _mp_prefetch(it_ds, options.num_workers, per_worker)
+    self._iter = iter(it_ds)
+    self._done = False
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Batches per epoch when nothing is skipped."""
+    full, rest = divmod(self.epoch_size, self.batch_size)
+    return full + (1 if rest and not self.options.drop_remainder else 0)
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    if self._done:
+      raise StopIteration
+    buf: list[dict[str, Any]] = []
+    while len(buf) < self.batch_size:
+      try:
+        el = next(self._iter)
+      except StopIteration:
+        self._done = True
+        if buf and not self.options.drop_remainder:
+          break
+        raise
+      if "error" in el:
+        raise _unexpected(el)
+      if "bad" in el:
+        err = marker_error(el)
+        if self.options.on_bad_sample == "error":
+          raise err
+        self.ledger.add(err)
+        self.epoch_ledger.add(err)
+      else:
+        buf.append(el)
+      if el["pos"] % self.epoch_size == self.epoch_size - 1:
+        self._end_epoch(el["pos"] // self.epoch_size)
+        if len(buf) < self.batch_size and self.options.drop_remainder:
+          buf = []  # an epoch's partial batch is dropped
+        elif buf:
+          break
+    return self._collate(buf)
+
+  def _collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    return batching.collate(examples, batch_size=self.batch_size, options=self.options,
+                            model_config=self.model_config, pad_id=self.pad_id)
+
+  def _end_epoch(self, epoch: int) -> None:
+    text = (f"[data, process {self.process_index}] epoch {epoch} done: "
+            f"{self.epoch_ledger.summary()}")
+    print(text, flush=True)
+    self.epoch_summaries.append(text)
+    self.epoch_ledger = SkipLedger()
+
+  def skip_summary(self) -> str:
+    """The skipped-sample counts so far (all epochs, record-loading skips included)."""
+    return self.ledger.summary()
+
+  def skip_metrics(self, prefix: str = "skipped") -> dict[str, int]:
+    """{"skipped/total": n, "skipped/<kind>": n} for the metrics file."""
+    return self.ledger.as_metrics(prefix)
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serialisable state between two batches."""
+    return {"version": _STATE_VERSION, "grain": self._iter.get_state(), "done": self._done,
+            "epoch_size": self.epoch_size, "batch_size": self.batch_size,
+            "skipped": dict(self.ledger.counts), "skipped_examples": self.ledger.examples,
+            "epoch_skipped": dict(self.epoch_ledger.counts),
+            "epoch_skipped_examples": self.epoch_ledger.examples}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if state.get("version") != _STATE_VERSION:
+      raise ValueError(f"data iterator state version {state.get('version')!r} is not "
+                       f"{_STATE_VERSION}")
+    for key in ("epoch_size", "batch_size"):
+      if state[key] != getattr(self, key):
+        raise ValueError(f"data iterator state has {key}={state[key]}, this loader "
+                         f"{getattr(self, key)}: the data, process count or batch size changed")
+    self._iter.set_state(state["grain"])
+    self._done = bool(state["done"])
+    for ledger, counts, ex in ((self.ledger, "skipped", "skipped_examples"),
+                               (self.epoch_ledger, "epoch_skipped", "epoch_skipped_examples")):
+      ledger.counts.clear()
+      ledger.counts.update(state[counts])
+      ledger.examples = {k: list(v) for k, v in state[ex].items()}
+
+  def close(self) -> None:
+    close = getattr(self._iter, "close", None)
+    if close is not None:
+      close()
+
+
+def make_train_loader(records: Sequence[Any], *, tokenizer, model_config,
+                      options: PipelineOptions, batch_size: int, num_epochs: int | None = None,
+                      ledger: SkipLedger | None = None, process_index: int | None = None,
+                      process_count: int | None = None) -> Loader:
+  """Training batches for this process.
+
+  Args:
+    records: annotation Records (`annotations.load_records`).
+    tokenizer: with Qwen's special tokens, chat template (and `chat.add_special_tokens`).
+    model_config: Qwen2_5_VLConfig (token ids, vision sizes for the layout and rope).
+    options: PipelineOptions.
+    batch_size: the per-process batch (= global batch / process_count).
+    num_epochs: None = repeat forever (recommended on several hosts: every process then
+      yields a batch whenever asked, whatever it skipped).
+    ledger: a SkipLedger already holding record-loading skips (reported with the rest).
+    process_index / process_count: default jax.process_index() / jax.process_count().
+  """
+  pi, pc = _process(process_index, process_count)
+  per = len(records) // pc  # the same count on every process (drop < pc records)
+  indices = list(range(pi, len(records), pc))[:per]
+  return Loader(_builder(records, tokenizer, model_config, options, False), indices,
+                model_config=model_config, options=options, batch_size=batch_size,
+                num_epochs=num_epochs, pad_id=chat.pad_id(tokenizer), ledger=ledger,
+                process_index=pi)
+
+
+def make_eval_batches(records: Sequence[Any], *, tokenizer, model_config,
+                      options: PipelineOptions, batch_size: int, for_generation: bool = True,
+                      ledger: SkipLedger | None = None, process_index: int | None = None,
+                      process_count: int | None = None) -> Iterator[dict[str, Any]]:
+  """Evaluation batches of this process's records, in order, decoded in-process or by
+  `options.num_workers` workers.
+
+  for_generation=True: prompts ending with `<|im_start|>assistant\\n`, left-padded (for the
+  sampler; `rope_deltas` included); False: teacher-forced, right-padded as in training.
+  Bad records follow `options.on_bad_sample`; skipped ones become dummy rows (item_id "").
+  Every process yields ceil(ceil(len(records) / process_count) / batch_size) batches.
+  """
+  pi, pc = _process(process_index, process_count)
+  if batch_size <= 0:
+    raise ValueError(f"batch_size={batch_size} must be positive")
+  indices = list(range(pi, len(records), pc))
+  n_batches = -(-(-(-len(records) // pc)) // batch_size)
+  builder = _builder(records, tokenizer, model_config, options, for_generation)
+  ledger = ledger if ledger is not None else SkipLedger()
+  pad = chat.pad_id(tokenizer)
+  ds = grain.MapDataset.source(indices).map_with_index(_PosMap(builder))
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=options.num_threads, prefetch_buffer_size=max(1, options.prefetch_batches
+                                                                * batch_size)))
+  if options.num_workers > 0:
+    it_ds = _mp_prefetch(it_ds, options.num_workers)
+  it = iter(it_ds)
+  try:
+    for b in range(n_batches):
+      got = []
+      for _ in range(max(0, min(batch_size, len(indices) - b * batch_size))):
+        el = next(it)
+        if "error" in el:
+          raise _unexpected(el)
+        if "bad" in el:
+          err: BadSample = marker_error(el)
+          if options.on_bad_sample == "error":
+            raise err
+          ledger.add(err)
+        else:
+          got.append(el)
+      if got:
+        yield batching.collate(got, batch_size=batch_size, options=options,
+                               model_config=model_config, pad_id=pad, left_pad=for_generation)
+      else:
+        yield _dummy_batch(batch_size, pad, for_generation)
+    if ledger.total:
+      print(f"[data, process {pi}] eval: {ledger.summary()}", flush=True)
+  finally:
+    close = getattr(it, "close", None)
+    if close is not None:
+      close()
+
+
+def _dummy_batch(batch_size: int, pad: int, left_pad: bool) -> dict[str, Any]:
+  """A batch of only dummy rows (a process with nothing left to evaluate), no video."""
+  import numpy as np
+  ids = np.full((batch_size, 1), pad, np.int32)
+  ones = np.ones((batch_size, 1), np.int32)
+  return {"input_ids": ids, "attention_mask": ones, "loss_mask": np.zeros_like(ids),
+          "position_ids": np.zeros((3, batch_size, 1), np.int32),
+          "rope_deltas": np.zeros((batch_size,), np.int32),
+          "pixel_values_videos": None, "video_grid_thw": None, "second_per_grid_ts": None,
+          "video_layout": None, "labels": [""] * batch_size, "item_id": [""] * batch_size,
+          "num_real": 0}
