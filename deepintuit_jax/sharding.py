@@ -95,3 +95,19 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.St
 def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
   """Leading (batch) dimension split over the data-parallel axes, the rest replicated."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def variable_sharding(v: nnx.Variable, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+  """The NamedSharding of one variable under `rules` (by its logical axes and shape)."""
+  return NamedSharding(mesh, logical_to_spec(variable_axes(v), rules, mesh, v.get_value().shape))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
+  """Moves every variable of `model` into its NamedSharding, in place; returns `model`.
+
+  For a model already in memory (e.g. built from scratch); `from_pretrained(..., mesh=)`
+  loads straight into the shardings instead.
+  """
+  for _, var in nnx.to_flat_state(nnx.state(model)):
+    var.set_value(jax.device_put(var.get_value(), variable_sharding(var, mesh, rules)))
+  return model
