@@ -19,7 +19,7 @@ sides) all vary. The open split draws shapes, colours, backgrounds, distractor b
 speeds from pools disjoint from training (`POOLS`): ring/cross/star vs circle/square/triangle;
 orange/purple/cyan/pink vs red/green/blue/yellow; stripes/checker vs plain/gradient/grid;
 jittering/blinking distractors vs none/static; distances of 12-18% or 55-65% of the frame
-(scale factors 1.35-1.55 or 2.9-3.4) vs 25-45% (1.8-2.6).
+(scale factors 1.45-1.6 or 2.9-3.4) vs 25-45% (1.8-2.6).
 
 Determinism: every item draws from its own `np.random.default_rng([seed, split, index])`, so
 the same seed gives the same annotation bytes, and split prefixes do not depend on the split
@@ -64,11 +64,13 @@ POOLS = {
                  colours=("orange", "purple", "cyan", "pink"),
                  backgrounds=("stripes", "checker"),
                  distractors=("jittering", "blinking"),
-                 distance=((0.12, 0.18), (0.55, 0.65)), scale=((1.35, 1.55), (2.9, 3.4))),
+                 distance=((0.12, 0.18), (0.55, 0.65)), scale=((1.45, 1.6), (2.9, 3.4))),
 }
 SPLITS = (("train", "train"), ("test_close", "train"), ("test_open", "open"))
 SIDES = (48, 64, 80, 96)
 _SHIFT = 4  # cv2 sub-pixel drawing: coordinates in 1/16 px
+# Smallest half-extent in px: thinner shapes lose their colour to mp4's 4:2:0 chroma.
+_MIN_SIZE = 4.5
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -82,7 +84,7 @@ def _shape_points(shape: str, cx: float, cy: float, s: float, angle: float) -> l
     pts = [((1.25 if k % 2 == 0 else 0.5) * math.cos(a), (1.25 if k % 2 == 0 else 0.5) *
             math.sin(a)) for k, a in enumerate(np.deg2rad(np.arange(10) * 36 - 90))]
   elif shape == "cross":
-    w = 0.38
+    w = 0.42
     bars = [[(-1, -w), (1, -w), (1, w), (-1, w)], [(-w, -1), (w, -1), (w, 1), (-w, 1)]]
     return [_place(np.array(b, float), cx, cy, s, angle) for b in bars]
   else:
@@ -162,7 +164,8 @@ def sample_scene(rng: np.random.Generator, label: str, pool: str, *,
     dx, dy = {"moving_left": (-1, 0), "moving_right": (1, 0), "moving_up": (0, -1),
               "moving_down": (0, 1)}[label]
     extent = w if dx else h  # the path and the object's margins must fit along the motion
-    s = min(float(rng.uniform(0.08, 0.13)) * m, ((1 - dist) * extent - 2.5) / 2.6)
+    s = min(max(float(rng.uniform(0.08, 0.13)) * m, _MIN_SIZE),
+            ((1 - dist) * extent - 2.5) / 2.6)
     span_x, span_y = dist * w * abs(dx), dist * h * abs(dy)
     margin = 1.3 * s + 1
     x0 = rng.uniform(margin + (span_x if dx < 0 else 0), w - margin - (span_x if dx > 0 else 0))
@@ -172,7 +175,7 @@ def sample_scene(rng: np.random.Generator, label: str, pool: str, *,
     scene.update(distance=round(dist, 4))
   else:
     factor = _pick(rng, p["scale"])
-    small = float(rng.uniform(0.05, 0.075)) * m
+    small = max(float(rng.uniform(0.06, 0.08)) * m, _MIN_SIZE)
     big = small * factor
     s0, s1 = (small, big) if label == "growing" else (big, small)
     margin = 1.3 * big + 1
@@ -188,7 +191,8 @@ def sample_scene(rng: np.random.Generator, label: str, pool: str, *,
     scene["distractor_objects"] = [dict(
         shape=str(rng.choice(p["shapes"])), colour=str(rng.choice(colours)),
         x=float(rng.uniform(0.15, 0.85) * w), y=float(rng.uniform(0.15, 0.85) * h),
-        size=float(rng.uniform(0.05, 0.09) * m), angle=float(rng.uniform(0, 2 * math.pi)),
+        size=max(float(rng.uniform(0.05, 0.09) * m), _MIN_SIZE - 1),
+        angle=float(rng.uniform(0, 2 * math.pi)),
         phase=int(rng.integers(0, 2)))
         for _ in range(int(rng.integers(1, 3)))]
   scene["seed_noise"] = int(rng.integers(0, 2**31 - 1))
