@@ -90,3 +90,14 @@ def test_second_per_grid_and_errors():
   assert second_per_grid(VideoClip(clip.frames, None, 2, np.array([0, 1]))) == 1.0
   with pytest.raises(ValueError, match="uint8"):
     preprocess_video(np.zeros((2, 8, 8, 3), np.float32), min_pixels=3136, max_pixels=200704)
+
+
+def test_float_band_path_equals_int_path(monkeypatch):
+  from deepintuit_jax.data import video_preprocess as vp
+  rng = np.random.default_rng(2)
+  x = rng.integers(0, 256, (2, 45, 300, 3), dtype=np.uint8)
+  cases = [(45, 121), (20, 28), (90, 700), (45, 12)]  # down, down, up, heavy down
+  fast = [vp.resize_bicubic_aa(x, *hw) for hw in cases]
+  monkeypatch.setattr(vp, "_aa_bands", lambda a, b: None)  # force the int32 path
+  for hw, f in zip(cases, fast):
+    np.testing.assert_array_equal(vp.resize_bicubic_aa(x, *hw), f)
