@@ -303,9 +303,10 @@ def class_file_entries() -> dict:
           for label, d in CLASSES.items()}
 
 
-def _record(item_id: str, video: str, scene: dict, split: str, compact: bool) -> dict:
+def _record(item_id: str, index: int, video: str, scene: dict, split: str,
+            compact: bool) -> dict:
   label = scene["label"]
-  title = f"clip {item_id}"
+  title = f"clip {index:05d}"  # neutral: names neither the label nor the split
   prompt = prompts.classification_prompt(CLASSES, title=title, transcript="No speech.",
                                          sticker="", compact=compact)
   response = teacher_trace_for(scene) if split == "train" else label
@@ -357,7 +358,7 @@ def generate(out_dir: str | os.PathLike, *, seed: int = 0, num_train: int = 300,
                            max_frames=max_frames, sides=sides)
       video = f"videos/{split}/{item_id}.mp4"
       write_mp4(os.path.join(out_dir, video), render(scene), fps)
-      records.append(_record(item_id, video, scene, split, compact))
+      records.append(_record(item_id, i, video, scene, split, compact))
     paths[split] = _write_json(os.path.join(out_dir, f"{split}.json"), records)
   paths["classes"] = _write_json(os.path.join(out_dir, "classes.json"), class_file_entries())
   _write_json(os.path.join(out_dir, "info.json"), dict(

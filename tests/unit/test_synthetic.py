@@ -82,9 +82,10 @@ def test_readers_accept_outputs(bench):
     for r in recs:
       assert os.path.isfile(A.resolve_video_path(r.video, out, item_id=r.item_id))
       assert r.label_index == list(classes).index(r.label)
-      assert "Title: clip " + r.item_id in r.prompt
-      for label in classes:
-        assert label not in r.prompt.split("Title:")[1]  # the materials do not leak the label
+      materials = r.prompt.split("Title:")[1]
+      assert materials.startswith(" clip " + r.item_id.rsplit("_", 1)[1])
+      for word in list(classes) + ["train", "test", "open", "close"]:
+        assert word not in materials  # the materials leak neither the label nor the split
       if split == "train":
         assert prompts.is_well_formatted(r.response)
         assert prompts.answer_matches(r.response, r.label)
@@ -181,8 +182,7 @@ def test_open_attributes_disjoint_from_train(bench):
     seen = {r["synthetic"][key] for r in train + close}
     new = {r["synthetic"][key] for r in open_}
     assert not seen & new, key
-    assert seen <= set(S.POOLS["train"][key + "s" if key != "distractor" else "distractors"]
-                       if key != "colour" else S.POOLS["train"]["colours"])
+    assert seen <= set(S.POOLS["train"][key + "s"]) and new <= set(S.POOLS["open"][key + "s"])
   for r in train + close:
     m = r["synthetic"]
     assert 0.25 <= m["distance"] <= 0.45 if "distance" in m else 1.8 <= m["scale"] <= 2.6
