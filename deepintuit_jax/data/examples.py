@@ -209,3 +209,16 @@ class ExampleBuilder:
             "second_per_grid_ts": np.asarray([seconds], np.float32),
             "label": rec.label if isinstance(rec.label, str) else "",
             "item_id": rec.item_id}
+
+
+class PosMap:
+  """`(pos, record_index) -> builder(pos, record_index)` for `MapDataset.map_with_index`.
+
+  Defined here, not in pipeline.py, so that unpickling it in a spawned Grain worker imports
+  only this light module (no jax)."""
+
+  def __init__(self, builder: ExampleBuilder):
+    self.builder = builder
+
+  def __call__(self, pos: int, index: int) -> dict[str, Any]:
+    return self.builder(pos, index)

@@ -26,6 +26,7 @@ import grain
 from deepintuit_jax.data import batching, chat
 from deepintuit_jax.data.errors import BadSample, SkipLedger
 from deepintuit_jax.data.examples import ExampleBuilder, PipelineOptions, marker_error
+from deepintuit_jax.data.examples import PosMap as _PosMap
 
 __all__ = ["PipelineOptions", "Loader", "make_train_loader", "make_eval_batches", "HOST_KEYS"]
 HOST_KEYS = batching.HOST_KEYS
@@ -65,16 +66,6 @@ def _mp_prefetch(it_ds, num_workers: int, per_worker_buffer_size: int = 1):
       num_workers=num_workers, per_worker_buffer_size=per_worker_buffer_size))
 
 
-class _PosMap:
-  """Picklable `(pos, record_index)` adapter for `MapDataset.map_with_index`."""
-
-  def __init__(self, builder: ExampleBuilder):
-    self.builder = builder
-
-  def __call__(self, pos: int, index: int) -> dict[str, Any]:
-    return self.builder(pos, index)
-
-
 class Loader:
   """Iterator of training batches (see the module docstring). Close it when done."""
 
@@ -99,8 +90,10 @@ class Loader:
       ds = ds.shuffle(seed=options.seed)
     ds = ds.repeat(num_epochs).map_with_index(_PosMap(builder))
     buffer = max(1, options.prefetch_batches * batch_size)
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=options.num_threads,
-                                                 prefetch_buffer_size=buffer))
+    # With workers, each worker's own read-ahead stays small; the worker buffers hold the rest.
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=options.num_threads,
+        prefetch_buffer_size=options.num_threads if options.num_workers else buffer))
     if options.num_workers > 0:
       per_worker = max(1, -(-buffer // options.num_workers))
       it_ds = _mp_prefetch(it_ds, options.num_workers, per_worker)
@@ -190,9 +183,16 @@ class Loader:
       ledger.examples = {k: list(v) for k, v in state[ex].items()}
 
   def close(self) -> None:
+    """Stops the worker processes (if any)."""
     close = getattr(self._iter, "close", None)
     if close is not None:
       close()
+
+  def __enter__(self) -> "Loader":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def make_train_loader(records: Sequence[Any], *, tokenizer, model_config,
@@ -242,11 +242,12 @@ def make_eval_batches(records: Sequence[Any], *, tokenizer, model_config,
   ledger = ledger if ledger is not None else SkipLedger()
   pad = chat.pad_id(tokenizer)
   ds = grain.MapDataset.source(indices).map_with_index(_PosMap(builder))
+  buffer = max(1, options.prefetch_batches * batch_size)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=options.num_threads, prefetch_buffer_size=max(1, options.prefetch_batches
-                                                                * batch_size)))
+      num_threads=options.num_threads,
+      prefetch_buffer_size=options.num_threads if options.num_workers else buffer))
   if options.num_workers > 0:
-    it_ds = _mp_prefetch(it_ds, options.num_workers)
+    it_ds = _mp_prefetch(it_ds, options.num_workers, max(1, -(-buffer // options.num_workers)))
   it = iter(it_ds)
   try:
     for b in range(n_batches):

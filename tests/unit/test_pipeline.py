@@ -166,8 +166,9 @@ def test_exact_resume(env, tmp_path, workers):
   for x, y in zip(want, got):
     _same(x, y)
   assert b.skip_metrics() == metrics and metrics["skipped/total"] >= 3
-  with pytest.raises(ValueError, match="batch_size"):
-    _loader(env, records, **{**kw, "batch_size": 2}).set_state(state)
+  if not workers:
+    with pytest.raises(ValueError, match="batch_size"):
+      _loader(env, records, **{**kw, "batch_size": 2}).set_state(state)
 
 
 def test_sharding_two_processes(env):
@@ -268,6 +269,27 @@ def test_eval_batches_generation_left_padded(env, tmp_path):
                               process_index=0, process_count=1))
   ref = next(iter(_loader(env, shuffle=False, batch_size=4)))
   _same(tf[0], ref)
+
+
+def test_eval_batches_sharded_equal_counts(env):
+  shards = [list(make_eval_batches(env["records"][:5], tokenizer=env["tok"],
+                                   model_config=env["cfg"], options=_opts(env), batch_size=2,
+                                   process_index=p, process_count=2)) for p in (0, 1)]
+  assert [len(s) for s in shards] == [2, 2]  # ceil(ceil(5 / 2) / 2) on every process
+  ids = [[i for b in s for i in b["item_id"]] for s in shards]
+  assert ids == [["item0", "item2", "item4", ""], ["item1", "item3", "", ""]]
+  assert shards[1][1]["num_real"] == 0 and shards[1][1]["pixel_values_videos"] is None
+
+
+def test_unexpected_error_names_the_item(env, monkeypatch):
+  from deepintuit_jax.data import video
+
+  def broken(*a, **k):
+    raise RuntimeError("decoder exploded")
+  monkeypatch.setattr(video, "load_video", broken)
+  with _loader(env, batch_size=2, on_bad_sample="skip") as loader:
+    with pytest.raises(RuntimeError, match=r"item 'item\d+'.*decoder exploded"):
+      next(loader)
 
 
 def test_options_validation():
