@@ -79,6 +79,8 @@ class PipelineOptions:
         raise ValueError(f"{name}={getattr(self, name)} must be positive")
     if self.fps <= 0:
       raise ValueError(f"fps={self.fps} must be positive")
+    if not 0 <= self.seed < 2 ** 32:
+      raise ValueError(f"seed={self.seed} must be in [0, 2**32)")
     if self.num_workers < 0:
       raise ValueError(f"num_workers={self.num_workers} must be >= 0")
     if self.min_pixels > self.max_pixels:

@@ -161,19 +161,28 @@ class Loader:
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable state between two batches."""
     return {"version": _STATE_VERSION, "grain": self._iter.get_state(), "done": self._done,
-            "epoch_size": self.epoch_size, "batch_size": self.batch_size,
+            **self._fingerprint(),
             "skipped": dict(self.ledger.counts), "skipped_examples": self.ledger.examples,
             "epoch_skipped": dict(self.epoch_ledger.counts),
             "epoch_skipped_examples": self.epoch_ledger.examples}
 
+  def _fingerprint(self) -> dict[str, Any]:
+    """What must match for a saved position to mean the same batches."""
+    o = self.options
+    return {"epoch_size": self.epoch_size, "batch_size": self.batch_size,
+            "num_epochs": self.num_epochs, "num_workers": o.num_workers, "seed": o.seed,
+            "shuffle": o.shuffle, "drop_remainder": o.drop_remainder}
+
   def set_state(self, state: dict[str, Any]) -> None:
+    """Continues from `get_state()` of a loader built with the same arguments."""
     if state.get("version") != _STATE_VERSION:
       raise ValueError(f"data iterator state version {state.get('version')!r} is not "
                        f"{_STATE_VERSION}")
-    for key in ("epoch_size", "batch_size"):
-      if state[key] != getattr(self, key):
-        raise ValueError(f"data iterator state has {key}={state[key]}, this loader "
-                         f"{getattr(self, key)}: the data, process count or batch size changed")
+    for key, value in self._fingerprint().items():
+      if state.get(key) != value:
+        raise ValueError(f"data iterator state has {key}={state.get(key)!r}, this loader "
+                         f"{value!r}: the data, process count, batch size, workers or "
+                         "shuffling changed, so the saved position means something else")
     self._iter.set_state(state["grain"])
     self._done = bool(state["done"])
     for ledger, counts, ex in ((self.ledger, "skipped", "skipped_examples"),

@@ -169,6 +169,8 @@ def test_exact_resume(env, tmp_path, workers):
   if not workers:
     with pytest.raises(ValueError, match="batch_size"):
       _loader(env, records, **{**kw, "batch_size": 2}).set_state(state)
+    with pytest.raises(ValueError, match="seed=7"):
+      _loader(env, records, **{**kw, "seed": 8}).set_state(state)
 
 
 def test_sharding_two_processes(env):
