@@ -9,6 +9,7 @@ from deepintuit_jax.models.qwen2_5_vl.config import (  # noqa: F401
     PRESETS, Qwen2_5_VLConfig, RuntimeOptions, TextConfig, VisionConfig)
 from deepintuit_jax.models.qwen2_5_vl.hf_load import from_pretrained  # noqa: F401
 from deepintuit_jax.models.qwen2_5_vl.hf_save import save_pretrained  # noqa: F401
+from deepintuit_jax.models.qwen2_5_vl.hf_io import abstract_model  # noqa: F401
 from deepintuit_jax.models.qwen2_5_vl.model import Output, Qwen2_5_VL  # noqa: F401
 from deepintuit_jax.models.qwen2_5_vl.resize import resize_token_embeddings  # noqa: F401
 from deepintuit_jax.models.qwen2_5_vl.text import KVCache  # noqa: F401
