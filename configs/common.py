@@ -8,13 +8,6 @@ from __future__ import annotations
 
 import ml_collections
 
-# The release's recipe (../shared/RECIPE.md, stage 0), used whenever model.checkpoint is a
-# real checkpoint.
-RECIPE_SFT = dict(learning_rate=2e-5, warmup_ratio=0.06, weight_decay=0.0, b1=0.9,
-                  b2=0.999, eps=1e-8, epochs=5, batch_size=64, grad_clip=1.0)
-RECIPE_DATA = dict(max_frames=32, max_pixels=200704)
-
-
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """big_vision-style `--config=path:key=value,flag` args: "real,steps=10" ->
   {real: True, steps: 10} over `defaults` (values typed like their defaults; unknown

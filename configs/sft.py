@@ -6,8 +6,8 @@
         --config.data.train_file=train.json --config.data.video_root=/videos
 
 Arg variants (`--config=configs/sft.py:real`): `real` forces the release's recipe
-(otherwise it applies whenever model.checkpoint is set; see `finalize` in main.py's SFT
-stage); `pulse` a few-step smoke run.
+(otherwise it applies whenever model.checkpoint is set; `recipe=auto`); `pulse` a few-step
+smoke run on a smaller generated benchmark.
 
 With model.checkpoint empty the defaults are the tiny-model ones: a higher lr, vision
 trainable (the tiny model is random), small batches, enough steps to learn in minutes.
@@ -31,8 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = common.mesh_config()
   c.checkpoint = common.checkpoint_config()
   c.eval = common.eval_config()
-  # -1 / "auto" = by recipe: the release's values (RECIPE_SFT) for a real checkpoint,
-  # the tiny-model values of `TINY` for the built-in tiny model.
+  # -1 / "auto" = by recipe: the release's values for a real checkpoint, the tiny-model
+  # values for the built-in tiny model (both tables: deepintuit_jax/trainers/sft_stage.py,
+  # RELEASE and TINY; the resolved values are printed and saved in the workdir).
   c.data.max_frames = -1
   c.data.max_pixels = -1
   c.eval.max_new_tokens = -1
@@ -60,9 +61,3 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 8
   return c
 
-
-# What "-1 / auto" resolves to for each recipe (read by deepintuit_jax.trainers.sft_stage).
-RELEASE = dict(common.RECIPE_SFT, **common.RECIPE_DATA, frozen=r"^visual\.", max_new_tokens=2048,
-               every_steps=500)
-TINY = dict(learning_rate=3e-3, warmup_ratio=0.06, epochs=3, batch_size=8, max_frames=8,
-            max_pixels=64 * 28 * 28, frozen="", max_new_tokens=96, every_steps=50)
