@@ -62,8 +62,12 @@ def collate(examples: Sequence[dict[str, Any]], *, batch_size: int, options: Pip
   pixels = [e["pixel_values_videos"] for e in examples]
   n_patches = sum(p.shape[0] for p in pixels)
   n_pad = options.patch_bucket(n_patches)
-  pv = np.zeros((n_pad, vcfg.patch_dim), np.float32)
-  pv[:n_patches] = np.concatenate(pixels)
+  pv = np.empty((n_pad, vcfg.patch_dim), np.float32)  # filled in place: no concat temporary
+  at = 0
+  for p in pixels:
+    pv[at:at + p.shape[0]] = p
+    at += p.shape[0]
+  pv[at:] = 0
   layout = vision_layout(grids, vcfg, pad_to=n_pad,
                          max_frame_patches=options.frame_patches(vcfg.patch_size))
   position_ids, deltas = rope.get_rope_index(model_config, ids, attn, None, grids, seconds)
