@@ -248,7 +248,7 @@ def _load_video_file(path, item_id, pick, seek: bool) -> VideoClip:
     src_fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
     src_fps = src_fps if 0 < src_fps < 1000 else None
     got = None
-    if 0 < n < _MAX_SEQUENTIAL_FRAMES:
+    if n > 0:
       idx, clip_fps = pick(n, src_fps)
       got = _read_indices(cap, np.unique(idx), seek)
   finally:
@@ -260,6 +260,10 @@ def _load_video_file(path, item_id, pick, seek: bool) -> VideoClip:
     if n == 0:
       raise BadSample("no decodable frames (corrupt, truncated or empty video)",
                       kind=errors.NO_FRAMES, item_id=item_id, path=path)
+    if n >= _MAX_SEQUENTIAL_FRAMES:
+      raise BadSample(f"cannot seek in this file and it has over {_MAX_SEQUENTIAL_FRAMES} frames "
+                      "(sequential decoding is bounded)", kind=errors.CORRUPT_VIDEO,
+                      item_id=item_id, path=path)
     if header_n > 0 and n < 0.9 * header_n - 1:
       # Header counts may be estimates off by a few frames; a large shortfall is truncation.
       raise BadSample(f"truncated or corrupt: the header says {header_n} frames but only {n} "
