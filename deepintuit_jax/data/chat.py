@@ -135,7 +135,8 @@ def _expand_video_pads(ids: list[int], video_id: int, counts: Sequence[int]) -> 
 
 def encode_example(tokenizer, prompt: str, response: str | None = None, *,
                    num_video_tokens: Sequence[int], system: str | None = DEFAULT_SYSTEM,
-                   for_generation: bool = False) -> dict[str, np.ndarray]:
+                   for_generation: bool = False, train_end_of_turn: bool = True
+                   ) -> dict[str, np.ndarray]:
   """Tokenises one conversation.
 
   Args:
@@ -147,6 +148,8 @@ def encode_example(tokenizer, prompt: str, response: str | None = None, *,
     system: the system text; `DEFAULT_SYSTEM` lets the template write Qwen's default turn,
       None likewise (the template always writes one).
     for_generation: the prompt only, ending with `<|im_start|>assistant\\n`.
+    train_end_of_turn: the `<|im_end|>` and newline after the response are targets too (SFT,
+      as the release); False = the response tokens only (the calibrator's label readout).
   Returns:
     input_ids [T] int32 and loss_mask [T] int32 (`loss_mask[t] = 1` iff `input_ids[t+1]` is
     an assistant-span target; all zero for generation).
@@ -175,7 +178,12 @@ def encode_example(tokenizer, prompt: str, response: str | None = None, *,
   # Assistant-span tokens are those that start at or after the end of the prompt text.
   # (The prompt ends with "assistant\n", a pre-tokenizer boundary, so no token straddles it.)
   start_char = len(prompt_text)
-  is_target = np.array([s >= start_char for s, _ in offsets], bool)
+  end_char = len(full_text)
+  if not train_end_of_turn:
+    if full_text[start_char:start_char + len(response)] != response:
+      raise ValueError("the chat template altered the response text; cannot locate its end")
+    end_char = start_char + len(response)
+  is_target = np.array([s >= start_char and e <= end_char for s, e in offsets], bool)
   straddle = [i for i, (s, e) in enumerate(offsets) if s < start_char < e]
   if straddle:
     raise ValueError("a token straddles the prompt / response boundary; cannot mask exactly")

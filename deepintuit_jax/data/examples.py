@@ -47,6 +47,8 @@ class PipelineOptions:
     seed / shuffle: per-epoch shuffling (a different order each epoch, same for a seed).
     drop_remainder: drop an epoch's last partial batch (else pad it with dummy rows).
     system: the system turn (Qwen's default).
+    train_end_of_turn: `<|im_end|>` + newline after the response are loss targets (SFT, as
+      the release); False = response tokens only (calibration's single label token).
   """
   video_root: str | None = None
   sampling: str = "release"
@@ -68,6 +70,7 @@ class PipelineOptions:
   shuffle: bool = True
   drop_remainder: bool = True
   system: str = chat.DEFAULT_SYSTEM
+  train_end_of_turn: bool = True
 
   def __post_init__(self):
     errors.check_on_bad_sample(self.on_bad_sample)
@@ -200,7 +203,8 @@ class ExampleBuilder:
     enc = chat.encode_example(self.tokenizer, rec.prompt,
                               None if self.for_generation else rec.response,
                               num_video_tokens=[n_patches // self.merge_size ** 2],
-                              system=o.system, for_generation=self.for_generation)
+                              system=o.system, for_generation=self.for_generation,
+                              train_end_of_turn=o.train_end_of_turn)
     if len(enc["input_ids"]) > o.max_seq_len:
       raise BadSample(f"{len(enc['input_ids'])} tokens ({n_patches // self.merge_size ** 2} of "
                       f"them video) exceed max_seq_len={o.max_seq_len}", kind=errors.TOO_LONG,

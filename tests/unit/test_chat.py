@@ -67,6 +67,14 @@ def test_default_system_turn_and_vision_markers(tok):
   assert int(ex["loss_mask"].sum()) == 3
 
 
+def test_response_only_targets(tok):
+  ex = chat.encode_example(tok, "hi", "abnormal", num_video_tokens=[2], train_end_of_turn=False)
+  assert int(ex["loss_mask"].sum()) == 1  # the single label token
+  t = int(np.flatnonzero(ex["loss_mask"])[0])
+  assert ex["input_ids"][t + 1] == chat.label_token_ids(tok, ["abnormal"])[0]
+  assert tok.convert_ids_to_tokens(int(ex["input_ids"][t + 2])) == "<|im_end|>"
+
+
 def test_generation_prompt(tok):
   ex = chat.encode_example(tok, PROMPT, None, num_video_tokens=[4], for_generation=True)
   text = tok.decode(ex["input_ids"].tolist(), skip_special_tokens=False)
