@@ -252,3 +252,39 @@ def test_corrupt_index_and_truncated_shard(sharded_dir, tmp_path):
     f.truncate(os.path.getsize(shard) - 10)
   with pytest.raises(ValueError, match=rf"{name}: tensor '.*' has byte range .*truncated"):
     qwen2_5_vl.from_pretrained(d)
+
+
+# ------------------------------------------------------------------------------ layouts, resize
+def test_transformers5_nested_key_layout_loads_the_same(tiny_dir, tmp_path):
+  d = _copy(tiny_dir, tmp_path / "nested")
+  nest = lambda k: ("model.visual." + k[7:] if k.startswith("visual.")  # noqa: E731
+                    else "model.language_model." + k[6:] if k.startswith("model.") else k)
+  _rewrite(d, lambda t: {nest(k): v for k, v in t.items()})
+  names = safetensors_io.SafetensorsFile(os.path.join(d, "model.safetensors")).names()
+  assert "model.language_model.norm.weight" in names and "model.visual.merger.ln_q.weight" in names
+  flat, nested = (qwen2_5_vl.from_pretrained(p, dtype=jnp.float32) for p in (tiny_dir, d))
+  for (p, a), (q, b) in zip(hf_io.param_items(flat), hf_io.param_items(nested), strict=True):
+    assert p == q
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
+
+
+def test_resize_tied_model_then_transformers_loads_it(tmp_path):
+  cfg = testing.tiny_config(text=dict(tie_word_embeddings=True))
+  src = testing.write_tiny_checkpoint(str(tmp_path / "tied"), seed=2, config=cfg)
+  model = qwen2_5_vl.from_pretrained(src, dtype=jnp.float32)
+  assert model.lm_head is None
+  tok = testing.build_tokenizer(seed=2)
+  added = tok.add_tokens(["<think>", "</think>", "<answer>", "</answer>", "normal", "abnormal"],
+                         special_tokens=True)
+  assert added == 6 and len(tok) <= 1088
+  bigger = qwen2_5_vl.resize_token_embeddings(model, 1152, seed=0)
+  out = qwen2_5_vl.save_pretrained(bigger, str(tmp_path / "out"))
+  back = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out)
+  assert back.config.text_config.vocab_size == 1152
+  emb = back.get_input_embeddings().weight.detach().numpy()
+  np.testing.assert_array_equal(emb[:1088], np.asarray(model.model.embed_tokens.embedding[...]))
+  assert 0.015 < emb[1088:].std() < 0.025
+  ids = np.array([[5, 100, 1100, 1150, 7 + 1]])
+  with torch.no_grad():
+    want = back(input_ids=torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(bigger(ids).logits), want, rtol=1e-5, atol=1e-6)
