@@ -304,3 +304,25 @@ def test_options_validation():
   assert o.length_bucket(513) == 1000 and o.patch_bucket(300) == 512
   with pytest.raises(ValueError, match="max_seq_len"):
     o.length_bucket(1001)
+
+
+def test_synthetic_benchmark_end_to_end(tmp_path):
+  """The release-format files of data/synthetic.py -> records -> batches."""
+  from deepintuit_jax.data import annotations, synthetic
+  paths = synthetic.generate(tmp_path, seed=1, num_train=4, num_test=1, min_frames=4,
+                             max_frames=6)
+  classes = annotations.load_class_file(paths["classes"])
+  recs = annotations.load_records(paths["train"], labels=list(classes))
+  tok = testing.build_tokenizer(seed=0)
+  chat.add_special_tokens(tok, list(classes))
+  opts = PipelineOptions(video_root=str(tmp_path), min_pixels=28 * 28, max_pixels=56 * 56,
+                         max_seq_len=4096, labels=tuple(classes), shuffle=False)
+  with make_train_loader(recs, tokenizer=tok, model_config=testing.tiny_config(),
+                         options=opts, batch_size=4, num_epochs=1, process_index=0,
+                         process_count=1) as loader:
+    (b,) = list(loader)
+  assert b["item_id"] == [r.item_id for r in recs] and b["labels"] == [r.label for r in recs]
+  for r, rec in enumerate(recs):
+    tgt = b["input_ids"][r, 1:][b["loss_mask"][r, :-1] == 1]
+    assert tok.decode(tgt.tolist(), skip_special_tokens=False) == rec.response + "<|im_end|>\n"
+    assert rec.label in tok.decode(tgt.tolist(), skip_special_tokens=False)
