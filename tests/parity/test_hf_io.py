@@ -147,6 +147,12 @@ def test_bf16_save_and_load(hf_dir, tmp_path):
   np.testing.assert_array_equal(np.asarray(emb, np.float32), want["model.embed_tokens.weight"])
   fp32 = qwen2_5_vl.from_pretrained(out, param_dtype=jnp.float32)
   assert fp32.model.norm.scale[...].dtype == jnp.float32
+  # A bf16 file written by transformers (safetensors' own writer) reads the same.
+  back.save_pretrained(str(tmp_path / "hf_bf16"))
+  theirs = qwen2_5_vl.from_pretrained(str(tmp_path / "hf_bf16"), param_dtype=jnp.float32)
+  for (p, a), (q, b) in zip(hf_io.param_items(fp32), hf_io.param_items(theirs), strict=True):
+    assert p == q
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
 
 
 # ------------------------------------------------------------------------------ bad input
