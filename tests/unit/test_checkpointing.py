@@ -82,3 +82,34 @@ def test_init_from_missing_checkpoint_is_clear(tmp_path):
   _, state, _, _ = _state()
   with pytest.raises(FileNotFoundError, match="no complete Orbax checkpoint"):
     checkpointing.load_params(str(tmp_path), state)
+
+
+def test_loop_stops_on_nan_and_keeps_last_good_checkpoint(tmp_path):
+  from deepintuit_jax.trainers import loop
+  graphdef, state, tx, lr = _state()
+  step = sft.make_train_step(graphdef, tx, lr)
+  rng = np.random.default_rng(5)
+  good = [_batch(rng, 2, 8, [8, 6]) for _ in range(3)]
+  poisoned = dict(good[0])
+
+  def batches():
+    for b in good:
+      yield (b,), 16
+    yield (poisoned,), 16
+
+  def nan_step(st, micro):
+    if micro[0] is poisoned:  # a NaN in the weights: loss and grads become NaN
+      k = st.params["lm_head"]["kernel"]
+      k.set_value(k[...] * jnp.nan)
+    return step(st, micro)
+
+  ck = checkpointing.Checkpointer(str(tmp_path / "ck"), every_steps=2, keep=3)
+  writer = loop.MetricsWriter(str(tmp_path), tensorboard=False)
+  with pytest.raises(loop.NonFiniteError, match=r"step 4 .*last good checkpoint is step 2"):
+    loop.train_loop(state, nan_step, batches(), total_steps=6, writer=writer, checkpointer=ck,
+                    data_state=lambda: {"pos": 1})
+  assert ck.all_steps() == [2]
+  restored, data = ck.restore(_state()[1])
+  assert int(restored.step) == 2 and data == {"pos": 1}
+  assert all(np.isfinite(x).all() for x in _leaves(restored.params))
+  ck.close()
