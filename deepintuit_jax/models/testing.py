@@ -159,7 +159,7 @@ def build_tokenizer(*, seed: int = 0):
       tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, bos_token=None,
       unk_token=None, chat_template=CHAT_TEMPLATE, model_max_length=32768,
       padding_side="right", clean_up_tokenization_spaces=False,
-      extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in (EOS_TOKEN, PAD_TOKEN)])
+      additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (EOS_TOKEN, PAD_TOKEN)])
 
 
 def _mrope_section(head_dim: int) -> tuple[int, int, int]:
@@ -283,4 +283,18 @@ def write_tiny_checkpoint(path: str, *, seed: int = 0,
   _write_json(os.path.join(path, "preprocessor_config.json"), image)
   _write_json(os.path.join(path, "video_preprocessor_config.json"), video)
   build_tokenizer(seed=seed).save_pretrained(path)
+  _portable_tokenizer_config(os.path.join(path, "tokenizer_config.json"))
   return path
+
+
+def _portable_tokenizer_config(file: str) -> None:
+  """Rewrites transformers>=5's tokenizer_config.json with the keys 4.x reads too (the
+  generic fast class and `additional_special_tokens`); 5.x reads them as well."""
+  with open(file) as f:
+    cfg = json.load(f)
+  cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+  extra = cfg.pop("extra_special_tokens", None)
+  if isinstance(extra, list):
+    cfg["additional_special_tokens"] = extra
+  cfg.pop("backend", None)
+  _write_json(file, cfg)

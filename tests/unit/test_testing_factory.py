@@ -110,5 +110,8 @@ def test_transformers_loads_the_directory(ckpt):
   assert model.config.video_token_id == 7
   tok = transformers.AutoTokenizer.from_pretrained(ckpt)
   assert tok.convert_tokens_to_ids("<|video_pad|>") == 7 and tok.eos_token_id == 2
+  assert set(tok.all_special_tokens) == set(SPECIALS) and tok.pad_token_id == 0
+  assert tok.tokenize("a<|vision_start|><|image_pad|>b") == ["a", "<|vision_start|>",
+                                                              "<|image_pad|>", "b"]
   assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                  add_generation_prompt=True).endswith("<|im_start|>assistant\n")
