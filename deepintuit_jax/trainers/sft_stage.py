@@ -24,7 +24,7 @@ from deepintuit_jax.trainers import loop, optim, sft
 # What "-1" / "auto" in configs/sft.py resolve to.
 RELEASE = dict(learning_rate=2e-5, epochs=5, batch_size=64, max_frames=32, max_pixels=200704,
                frozen=r"^visual\.", max_new_tokens=2048, every_steps=500)
-TINY = dict(learning_rate=3e-3, epochs=3, batch_size=8, max_frames=8,
+TINY = dict(learning_rate=5e-3, epochs=5, batch_size=8, max_frames=8,
             max_pixels=64 * 28 * 28, frozen="", max_new_tokens=192, every_steps=50)
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
