@@ -85,7 +85,7 @@ def main(argv) -> None:
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     print(f"workdir: {workdir}\nconfig:\n{config}", flush=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(os.path.join(workdir, "run_config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
     with open(os.path.join(workdir, "resolved_config.txt"), "w") as f:
       f.write(repr(cfg) + "\n")

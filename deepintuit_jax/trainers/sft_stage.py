@@ -189,7 +189,8 @@ def _load_tokenizer(path: str):
 
 
 def _is_hf_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json"))
+  return os.path.isfile(os.path.join(path, "config.json")) and any(
+      f.endswith((".safetensors", ".safetensors.index.json")) for f in os.listdir(path))
 
 
 def _summary(state: sft.TrainState, shardings: sft.TrainState, mesh) -> str:
@@ -219,13 +220,14 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
   source = cfg.model.checkpoint
   init_kind = "model.checkpoint"
   if own_step is None and cfg.init_from:
-    if _is_hf_dir(cfg.init_from):
-      source, init_kind = cfg.init_from, "init_from (HF)"
-    elif not checkpointing.is_checkpoint_dir(cfg.init_from):
-      raise FileNotFoundError(f"init_from {cfg.init_from!r}: neither an HF directory "
-                              "(config.json) nor a directory of complete Orbax checkpoints")
-    else:
+    if checkpointing.is_checkpoint_dir(cfg.init_from):
       init_kind = "init_from (checkpoint)"
+    elif _is_hf_dir(cfg.init_from):
+      source, init_kind = cfg.init_from, "init_from (HF)"
+    else:
+      raise FileNotFoundError(f"init_from {cfg.init_from!r}: neither an HF directory "
+                              "(config.json + safetensors) nor a directory of complete Orbax "
+                              "checkpoints")
 
   tokenizer = _load_tokenizer(source)
   ledger = errors.SkipLedger()

@@ -81,7 +81,7 @@ def test_pulse_run_outputs(pulse):
   assert "trainable" in p.stdout and "frozen" in p.stdout and "mesh" in p.stdout
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "5"]  # keep 2
   assert os.listdir(os.path.join(workdir, "tb"))
-  with open(os.path.join(workdir, "config.json")) as f:
+  with open(os.path.join(workdir, "run_config.json")) as f:
     assert json.load(f)["stage"] == "sft"
   # The export loads back (with the extended tokenizer) and holds the trained weights.
   from deepintuit_jax.models import qwen2_5_vl
