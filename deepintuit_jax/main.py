@@ -84,7 +84,7 @@ def main(argv) -> None:
   cfg = stage.from_config(config)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    print(f"workdir: {workdir}\nconfig:\n{config}", flush=True)
+    print(f"workdir: {workdir}\nconfig:\n{config}\nresolved: {cfg!r}", flush=True)
     with open(os.path.join(workdir, "run_config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
     with open(os.path.join(workdir, "resolved_config.txt"), "w") as f:
