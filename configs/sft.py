@@ -51,6 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       frozen="auto",      # comma-separated regexes over parameter paths ('visual.blocks.0...');
                           # auto = "^visual\\." (real) / "" (tiny: its random tower must learn)
       log_every=1,
+      loss_chunk=1024,    # tokens per chunk of the cross-entropy (logits [chunk, V] at a
+                          # time, recomputed in the backward); 0 = full [B, T, V] logits
   ))
   if args.real:
     c.recipe = "release"

@@ -6,7 +6,10 @@ Training (`make_train_loader`): the records of this process's shard (records
 epoch into the seed), repeated, and mapped by `examples.ExampleBuilder` (video decode,
 preprocessing, tokenisation) in worker processes (`num_workers`, 0 = in-process). The main
 process takes examples in order, handles bad-sample markers (raise or count), and pads each
-batch (`batching.collate`). An epoch's last partial batch is dropped or padded with dummy
+batch (`batching.collate`; with `groups=G` as G groups for data-parallel vision). The padded
+shapes of a batch (length bucket, patch bucket) are agreed by every process
+(`process_max`, only with several processes) so that their batches form one global array.
+An epoch's last partial batch is dropped or padded with dummy
 rows (`drop_remainder`). `get_state()` is taken between batches and is JSON-serialisable;
 `set_state()` on a fresh loader built with the same arguments continues with exactly the
 same batches.
@@ -18,10 +21,11 @@ yields the same number of batches (ceil(ceil(n / process_count) / batch_size)).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
+import numpy as np
 
 from deepintuit_jax.data import batching, chat
 from deepintuit_jax.data.errors import BadSample, SkipLedger
@@ -42,6 +46,17 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, {process_count})")
   return int(process_index), int(process_count)
+
+
+def process_max(values: tuple[int, ...]) -> tuple[int, ...]:
+  """Element-wise max of `values` over all processes (a collective: every process must call
+  it for every batch, in the same order). One process: `values` unchanged, no sync."""
+  import jax
+  if jax.process_count() == 1:
+    return tuple(int(v) for v in values)
+  from jax.experimental import multihost_utils
+  got = multihost_utils.process_allgather(np.asarray(values, np.int32))
+  return tuple(int(v) for v in np.asarray(got).reshape(-1, len(values)).max(axis=0))
 
 
 def _builder(records, tokenizer, model_config, options, for_generation) -> ExampleBuilder:
@@ -71,9 +86,14 @@ class Loader:
 
   def __init__(self, builder: ExampleBuilder, indices: Sequence[int], *, model_config,
                options: PipelineOptions, batch_size: int, num_epochs: int | None,
-               pad_id: int, ledger: SkipLedger | None = None, process_index: int = 0):
+               pad_id: int, ledger: SkipLedger | None = None, process_index: int = 0,
+               groups: int = 1,
+               shape_sync: Callable[[tuple[int, int]], tuple[int, int]] | None = process_max):
     if batch_size <= 0:
       raise ValueError(f"batch_size={batch_size} must be positive")
+    if groups < 1 or batch_size % groups:
+      raise ValueError(f"batch_size={batch_size} must be a positive multiple of groups={groups}")
+    self.groups, self.shape_sync = groups, shape_sync
     if num_epochs is not None and num_epochs <= 0:
       raise ValueError(f"num_epochs={num_epochs} must be positive or None (forever)")
     if not indices:
@@ -140,8 +160,14 @@ class Loader:
     return self._collate(buf)
 
   def _collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    length, patches = batching.shape_needs(examples, batch_size=self.batch_size,
+                                           options=self.options, groups=self.groups)
+    if self.shape_sync is not None:
+      length, patches = self.shape_sync((length, patches))
     return batching.collate(examples, batch_size=self.batch_size, options=self.options,
-                            model_config=self.model_config, pad_id=self.pad_id)
+                            model_config=self.model_config, pad_id=self.pad_id,
+                            groups=self.groups if self.groups > 1 else None, length=length,
+                            patches=patches)
 
   def _end_epoch(self, epoch: int) -> None:
     text = (f"[data, process {self.process_index}] epoch {epoch} done: "
@@ -207,7 +233,9 @@ class Loader:
 def make_train_loader(records: Sequence[Any], *, tokenizer, model_config,
                       options: PipelineOptions, batch_size: int, num_epochs: int | None = None,
                       ledger: SkipLedger | None = None, process_index: int | None = None,
-                      process_count: int | None = None) -> Loader:
+                      process_count: int | None = None, groups: int = 1,
+                      shape_sync: Callable[[tuple[int, int]], tuple[int, int]] | None = process_max
+                      ) -> Loader:
   """Training batches for this process.
 
   Args:
@@ -220,6 +248,10 @@ def make_train_loader(records: Sequence[Any], *, tokenizer, model_config,
       yields a batch whenever asked, whatever it skipped).
     ledger: a SkipLedger already holding record-loading skips (reported with the rest).
     process_index / process_count: default jax.process_index() / jax.process_count().
+    groups: G > 1 = grouped batches (`batching.collate(groups=G)`): G = the data-parallel
+      shards this process feeds (`trainers.sft.local_data_groups(mesh)`); 1 = un-grouped.
+    shape_sync: maps this process's (length bucket, patch bucket) to the ones every process
+      uses; default `process_max` (a no-op on one process); None = no sync.
   """
   pi, pc = _process(process_index, process_count)
   per = len(records) // pc  # the same count on every process (drop < pc records)
@@ -227,7 +259,7 @@ def make_train_loader(records: Sequence[Any], *, tokenizer, model_config,
   return Loader(_builder(records, tokenizer, model_config, options, False), indices,
                 model_config=model_config, options=options, batch_size=batch_size,
                 num_epochs=num_epochs, pad_id=chat.pad_id(tokenizer), ledger=ledger,
-                process_index=pi)
+                process_index=pi, groups=groups, shape_sync=shape_sync)
 
 
 def make_eval_batches(records: Sequence[Any], *, tokenizer, model_config,

@@ -53,8 +53,11 @@ class TrainSpec:
   batch_size: int
   micro_batch_size: int
   log_every: int
+  loss_chunk: int = 0  # tokens per cross-entropy chunk; 0 = unchunked [B, T, V] logits
 
   def __post_init__(self):
+    if self.loss_chunk < 0:
+      raise ValueError(f"train.loss_chunk {self.loss_chunk} must be >= 0 (0 = unchunked)")
     if self.batch_size < 1 or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
       raise ValueError(f"train.batch_size {self.batch_size} must be a positive multiple of "
                        f"train.micro_batch_size {self.micro_batch_size}")
@@ -172,7 +175,7 @@ def from_config(c) -> SFTRun:
           frozen=tuple(p for p in frozen.split(",") if p)),
       train=TrainSpec(num_steps=c.train.num_steps, epochs=pick(c.train.epochs, "epochs"),
                       batch_size=batch, micro_batch_size=c.train.micro_batch_size or batch,
-                      log_every=c.train.log_every),
+                      log_every=c.train.log_every, loss_chunk=c.train.loss_chunk),
       checkpoint=CheckpointSpec(every_steps=pick(c.checkpoint.every_steps, "every_steps"),
                                 keep=c.checkpoint.keep, export=c.checkpoint.export,
                                 async_save=c.checkpoint.async_save),
@@ -251,9 +254,19 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
   if cfg.train.micro_batch_size % procs:
     raise ValueError(f"train.micro_batch_size {cfg.train.micro_batch_size} must divide over "
                      f"{procs} processes")
+  per_process = cfg.train.micro_batch_size // procs
+  groups = sft.local_data_groups(mesh)
+  if per_process % groups:
+    if procs > 1:
+      raise ValueError(f"train.micro_batch_size {cfg.train.micro_batch_size} gives "
+                       f"{per_process} rows per process, not a multiple of the {groups} "
+                       "data-parallel shards each process feeds")
+    print(f"warning: {per_process} rows per micro-batch do not split over {groups} "
+          "data-parallel shards: vision runs replicated on every device", flush=True)
+    groups = 1
   loader = pipeline.make_train_loader(
       records, tokenizer=tokenizer, model_config=model_config, options=options,
-      batch_size=cfg.train.micro_batch_size // procs, num_epochs=None, ledger=ledger)
+      batch_size=per_process, num_epochs=None, ledger=ledger, groups=groups)
   steps_per_epoch = max(loader.steps_per_epoch // cfg.train.accum, 1)
   total = cfg.train.num_steps if cfg.train.num_steps > 0 else cfg.train.epochs * steps_per_epoch
 
@@ -274,11 +287,12 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
   if is_main:
     print(_summary(state, shardings, mesh), flush=True)
     print(f"{len(records)} training records, {len(classes)} classes {classes}; "
-          f"{steps_per_epoch} steps/epoch, {total} steps, accumulation {cfg.train.accum}",
+          f"{steps_per_epoch} steps/epoch, {total} steps, accumulation {cfg.train.accum}, "
+          f"{groups} batch group(s) per process, loss chunk {cfg.train.loss_chunk or 'off'}",
           flush=True)
 
   step_fn = sft.make_train_step(graphdef, tx, optim.schedule(cfg.optim, total), mesh=mesh,
-                                state_sharding=shardings)
+                                state_sharding=shardings, loss_chunk=cfg.train.loss_chunk)
 
   def micro_batches():
     while True:

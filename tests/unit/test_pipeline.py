@@ -68,7 +68,8 @@ def _opts(env, **kw):
 def _loader(env, records=None, **kw):
   bs = kw.pop("batch_size", 4)
   ne = kw.pop("num_epochs", None)
-  pk = {k: kw.pop(k) for k in ("process_index", "process_count", "ledger") if k in kw}
+  pk = {k: kw.pop(k) for k in ("process_index", "process_count", "ledger", "groups",
+                               "shape_sync") if k in kw}
   pk.setdefault("process_index", 0)
   pk.setdefault("process_count", 1)
   return make_train_loader(env["records"] if records is None else records, tokenizer=env["tok"],
@@ -188,6 +189,43 @@ def test_partial_batch_padded_with_dummy_rows(env):
   assert last["item_id"][2:] == ["", "", ""] and not last["loss_mask"][2:].any()
   assert (last["attention_mask"][2:].sum(1) == 1).all()
   assert len(list(_loader(env, batch_size=5, num_epochs=1))) == 2  # drop_remainder
+
+
+def test_grouped_batches_split_rows_and_videos(env):
+  flat = next(iter(_loader(env, shuffle=False, batch_size=4)))
+  seen = []
+
+  def sync(needs):  # stands in for the max over processes: forces larger shapes
+    seen.append(needs)
+    return (256, 256)
+  grouped = next(iter(_loader(env, shuffle=False, batch_size=4, groups=2, shape_sync=sync)))
+  t = flat["input_ids"].shape[1]
+  # Grids (t, h, w) of rows 0..3: 2x2x2, 2x4x4, 2x2x4, 2x4x2 (8, 32, 16, 16 patches): the
+  # groups need 40 and 32 patches -> bucket 64 (the flat batch: 72 -> 128).
+  assert flat["video_grid_thw"].tolist() == [[2, 2, 2], [2, 4, 4], [2, 2, 4], [2, 4, 2]]
+  assert seen == [(t, 64)] and flat["pixel_values_videos"].shape[0] == 128
+  assert grouped["input_ids"].shape == (2, 2, 256) and grouped["num_groups"] == 2
+  assert grouped["position_ids"].shape == (2, 3, 2, 256)
+  assert grouped["pixel_values_videos"].shape == (2, 256, flat["pixel_values_videos"].shape[1])
+  assert grouped["item_id"] == flat["item_id"]
+  np.testing.assert_array_equal(grouped["input_ids"].reshape(4, -1)[:, :t], flat["input_ids"])
+  np.testing.assert_array_equal(
+      grouped["position_ids"].transpose(1, 0, 2, 3).reshape(3, 4, -1)[..., :t],
+      flat["position_ids"])
+  n0 = int(flat["video_grid_thw"][:2].prod(-1).sum())
+  n1 = int(flat["video_grid_thw"][2:].prod(-1).sum())
+  pv, gp = flat["pixel_values_videos"], grouped["pixel_values_videos"]
+  np.testing.assert_array_equal(gp[0, :n0], pv[:n0])
+  np.testing.assert_array_equal(gp[1, :n1], pv[n0:n0 + n1])
+  assert not gp[0, n0:].any() and not gp[1, n1:].any()
+  assert grouped["video_layout"].merged_valid.sum(-1).tolist() == [n0 // 4, n1 // 4]
+  # A last partial batch leaves whole groups of dummy rows: no videos, zero pixels.
+  last = list(_loader(env, shuffle=False, batch_size=8, num_epochs=1, drop_remainder=False,
+                      groups=4))[-1]
+  assert last["num_real"] == 4 and not last["pixel_values_videos"][2:].any()
+  assert not last["video_layout"].merged_valid[2:].any()
+  with pytest.raises(ValueError, match="groups=3"):
+    _loader(env, batch_size=4, groups=3)
 
 
 def _bad_env(env, tmp_path):

@@ -24,13 +24,16 @@ from deepintuit_jax.models.qwen2_5_vl.text import KVCache, TextModel, default_po
 
 @flax.struct.dataclass
 class Output:
-  """logits [B, T, V] (or [B, K, V] with logits_to_keep) float32; hidden_states: L + 1
-  arrays [B, T, D] or None; cache: the updated KVCache or None; rope_deltas [B] int32
-  (next rotary position minus the number of real tokens, HF's definition)."""
-  logits: jax.Array
+  """logits [B, T, V] (or [B, K, V] with logits_to_keep) float32, None with return_hidden;
+  hidden_states: L + 1 arrays [B, T, D] or None; cache: the updated KVCache or None;
+  rope_deltas [B] int32 (next rotary position minus the number of real tokens, HF's
+  definition); hidden: the final-normed last hidden state [B, T, D] (opts.dtype) when
+  return_hidden, else None (feed it to `compute_logits`, e.g. chunk by chunk)."""
+  logits: jax.Array | None
   hidden_states: tuple[jax.Array, ...] | None = None
   cache: KVCache | None = None
   rope_deltas: jax.Array | None = None
+  hidden: jax.Array | None = None
 
 
 def _host(x) -> np.ndarray | None:
@@ -126,7 +129,8 @@ class Qwen2_5_VL(nnx.Module):
                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, *,
                position_ids=None, image_layout=None, video_layout=None,
                cache: KVCache | None = None, output_hidden_states: bool = False,
-               logits_to_keep: int | jax.Array | None = None) -> Output:
+               logits_to_keep: int | jax.Array | None = None,
+               return_hidden: bool = False) -> Output:
     """Forward pass.
 
     Args:
@@ -143,8 +147,11 @@ class Qwen2_5_VL(nnx.Module):
       output_hidden_states: return HF's hidden-state tuple.
       logits_to_keep: None = logits everywhere; int k = the last k positions; an int array
         [B, K] = those positions of each row (e.g. the last real token of right-padded rows).
+      return_hidden: skip the lm head: `Output.hidden` is the final-normed hidden state
+        (after logits_to_keep) and `Output.logits` None, so that a loss can compute logits
+        chunk by chunk (`compute_logits`) without ever holding [B, T, V].
     Returns:
-      Output(logits float32, hidden_states, cache, rope_deltas [B]).
+      Output(logits float32 | None, hidden_states, cache, rope_deltas [B], hidden).
     """
     cfg = self.config
     ids = jnp.asarray(input_ids, jnp.int32)
@@ -179,7 +186,7 @@ class Qwen2_5_VL(nnx.Module):
       else:
         keep = jnp.asarray(logits_to_keep, jnp.int32)
         hidden = jnp.take_along_axis(hidden, keep[..., None], axis=1)
-    logits = self.compute_logits(hidden)
+    logits = None if return_hidden else self.compute_logits(hidden)
 
     if cache is not None:
       rope_deltas = cache.rope_deltas
@@ -191,7 +198,7 @@ class Qwen2_5_VL(nnx.Module):
       top = jnp.max(jnp.where(mask[None], pos, -1), axis=(0, 2)) + 1
       rope_deltas = (top - mask.sum(-1)).astype(jnp.int32)
     return Output(logits=logits, hidden_states=hidden_states, cache=cache,
-                  rope_deltas=rope_deltas)
+                  rope_deltas=rope_deltas, hidden=hidden if return_hidden else None)
 
   def _host_rope_index(self, ids_host, attention_mask, image_grid_thw, video_grid_thw,
                        second_per_grid_ts, cache):
