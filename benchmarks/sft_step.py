@@ -136,7 +136,8 @@ def bench_jax(cfg, b, args) -> tuple[float, object]:
   batch = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                loss_mask=b["loss_mask"], position_ids=b["position_ids"],
                pixel_values_videos=b["pixels"], video_layout=layout)
-  step = sft.make_train_step(graphdef, tx, optim.schedule(ocfg, 1000))
+  step = sft.make_train_step(graphdef, tx, optim.schedule(ocfg, 1000),
+                             loss_chunk=args.loss_chunk)
   for _ in range(args.warmup):
     state, m = step(state, (batch,))
   jax.block_until_ready(m)
@@ -199,6 +200,8 @@ def main():
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   ap.add_argument("--remat", default="none")
+  ap.add_argument("--loss_chunk", type=int, default=0,
+                  help="tokens per cross-entropy chunk (train.loss_chunk); 0 = full logits")
   ap.add_argument("--peak_tflops", type=float, default=0.0)
   ap.add_argument("--skip_torch", action="store_true")
   args = ap.parse_args()
