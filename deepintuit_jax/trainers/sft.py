@@ -93,9 +93,9 @@ def chunked_next_token_ce(hidden: jax.Array, input_ids: jax.Array, loss_mask: ja
   """`next_token_ce(logits_fn(hidden), ...)` without materialising [B, T, V] logits.
 
   hidden [B, T, D] (final-normed); input_ids, loss_mask [B, T] as in `next_token_ce`;
-  logits_fn: [C, D] -> [C, V] (e.g. `model.compute_logits`); chunk: C tokens per chunk.
-  The B * T positions are flattened, padded to a multiple of C with zero weight and scanned
-  chunk by chunk; each chunk is `jax.checkpoint`ed, so the backward recomputes its logits
+  logits_fn: [C, D] -> [C, V] (e.g. `model.compute_logits`); chunk: at most C tokens per
+  chunk. The B * T positions are flattened, split into ceil(B*T / C) equal chunks (the last
+  padded with zero weight) and scanned chunk by chunk; each chunk is `jax.checkpoint`ed, so the backward recomputes its logits
   instead of keeping them. Returns (sum [] float32, count [] float32).
   """
   if chunk <= 0:
@@ -106,6 +106,7 @@ def chunked_next_token_ce(hidden: jax.Array, input_ids: jax.Array, loss_mask: ja
   weights = loss_mask.astype(jnp.float32) * (jnp.arange(t) < t - 1)
   n = b * t
   n_chunks = -(-n // chunk)
+  chunk = -(-n // n_chunks)  # balanced: at most n_chunks - 1 padding positions in all
   pad = n_chunks * chunk - n
 
   def split(x, fill):

@@ -188,7 +188,11 @@ def test_step_compiles_once_per_bucket_pair():
   state, _ = step(state, (sft.device_batch(_collate(_examples(seed=6), groups=2, length=48,
                                                     patches=128)),))
   assert step.num_traces() == 2
-  assert int(state.step) == 5
+  # Two grouped micro-batches (accumulated by scan): one more program, tokens add up.
+  two = [_collate(_examples(seed=s), groups=2, length=48, patches=128) for s in (7, 8)]
+  state, m = step(state, tuple(sft.device_batch(b) for b in two))
+  assert step.num_traces() == 3 and int(state.step) == 6
+  assert float(m["tokens"]) == sum(int(b["loss_mask"].sum()) for b in two)
 
 
 def test_process_max_on_one_process_is_identity():
