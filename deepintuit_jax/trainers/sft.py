@@ -15,7 +15,7 @@ The step is a pure function `(state, micro_batches) -> (state, metrics)`:
   final hidden state and logits are computed chunk by chunk under `jax.checkpoint`, so
   neither the forward nor the backward holds more than one chunk's `[chunk, V]` logits;
 * the jitted step compiles once per distinct set of padded shapes, i.e. per (length
-  bucket, patch bucket) pair of its micro-batches (`run.num_traces()` counts traces);
+  bucket, patch bucket) pair of its micro-batches (`step.num_traces()` counts traces);
 * gradient accumulation over a tuple of micro-batches (`lax.scan` when their shapes agree,
   an unrolled loop otherwise), with *true* token means: the loss and gradients are the sum
   over every micro-batch divided by the total number of loss tokens, so accumulating A
