@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -59,6 +61,76 @@ def _plain(v: Any) -> Any:
   return v
 
 
+class Prefetcher:
+  """Draws items from `source` in a background thread, up to `size` ahead, so that the host's
+  batch preparation (collation, rope positions, vision layouts) overlaps the device step.
+
+  Items are `(micro_batches, n_tokens, data_state)` where `data_state` is the data
+  iterator's state *after* the item's batches. `data_state` of the Prefetcher is that of the
+  last item handed out (the position a checkpoint must record, not the read-ahead one);
+  before any item it is `initial_state`. An exception raised by `source` is re-raised by the
+  `__next__` that reaches it, with its own traceback (a bad sample in "error" mode stops the
+  run with its item, file and reason).
+  """
+
+  def __init__(self, source: Iterator, *, size: int = 2, initial_state: Any = None):
+    """size: items read ahead; 0 = none (items are drawn in the caller's thread)."""
+    if size < 0:
+      raise ValueError(f"prefetch size must be >= 0, got {size}")
+    self.data_state = initial_state
+    self._source = source if size == 0 else None
+    if size == 0:
+      return
+    self._queue: queue.Queue = queue.Queue(maxsize=size)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(source,), daemon=True,
+                                    name="batch-prefetch")
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _run(self, source: Iterator) -> None:
+    try:
+      for item in source:
+        if not self._put(("item", item)):
+          return
+      self._put(("end", None))
+    except BaseException as e:  # noqa: BLE001 (handed to the consumer, not swallowed)
+      self._put(("error", e))
+
+  def __iter__(self) -> "Prefetcher":
+    return self
+
+  def __next__(self):
+    if self._source is not None:
+      value = next(self._source)
+      self.data_state = value[2]
+      return value
+    kind, value = self._queue.get()
+    if kind == "end":
+      self._queue.put((kind, value))  # stay exhausted
+      raise StopIteration
+    if kind == "error":
+      self._queue.put((kind, value))
+      raise value
+    self.data_state = value[2]
+    return value
+
+  def close(self) -> None:
+    """Stops the thread (read-ahead items are dropped; `data_state` stays consumed)."""
+    if self._source is not None:
+      return
+    self._stop.set()
+    self._thread.join(timeout=60)
+
+
 def _progress(total: int, initial: int):
   if jax.process_index() != 0:
     return None
@@ -73,7 +145,9 @@ def train_loop(state: Any, step_fn: Callable, micro_batches: Iterator[tuple[tupl
                on_finite_error: Callable[[], None] | None = None) -> Any:
   """Runs `step_fn` from `state.step` to `total_steps`; returns the final state.
 
-  micro_batches: yields (tuple of device-ready micro-batches, real tokens in them) per step.
+  micro_batches: yields (tuple of device-ready micro-batches, real tokens in them) per step,
+    optionally with a third element: the data iterator state after those batches (what a
+    `Prefetcher` yields); it takes precedence over `data_state`.
   data_state: the data iterator state *after* the batches of the step just taken.
   eval_fn(state, step): called every `eval_every` steps (not at the end: the caller does).
   """
@@ -83,10 +157,12 @@ def train_loop(state: Any, step_fn: Callable, micro_batches: Iterator[tuple[tupl
   try:
     for step in range(start, total_steps):
       try:
-        micro, n_tokens = next(micro_batches)
+        item = next(micro_batches)
       except StopIteration:
         print(f"data exhausted at step {step} of {total_steps}", flush=True)
         break
+      micro, n_tokens = item[0], item[1]
+      item_state = item[2] if len(item) > 2 else None
       state, metrics = step_fn(state, micro)
       metrics = jax.device_get(metrics)
       if not bool(metrics["ok"]):
@@ -115,8 +191,9 @@ def train_loop(state: Any, step_fn: Callable, micro_batches: Iterator[tuple[tupl
       if bar is not None:
         bar.update(1)
       if checkpointer is not None:
-        checkpointer.save(state, data_state() if data_state else {},
-                          force=done == total_steps)
+        checkpointer.save(
+            state, item_state if item_state is not None else data_state() if data_state else {},
+            force=done == total_steps)
       if eval_fn is not None and eval_every and done % eval_every == 0 and done != total_steps:
         eval_fn(state, done)
   finally:

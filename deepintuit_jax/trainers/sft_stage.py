@@ -44,6 +44,7 @@ class DataSpec:
   eval_files: tuple[tuple[str, str], ...]
   class_file: str
   options: pipeline.PipelineOptions
+  prefetch_steps: int = 2  # steps of batches prepared ahead in a thread (0 = none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +168,7 @@ def from_config(c) -> SFTRun:
                       param_dtype=DTYPES[c.model.param_dtype], remat=c.model.remat,
                       attention_impl=c.model.attention_impl or None),
       data=DataSpec(train_file=train_file, eval_files=eval_files, class_file=class_file,
-                    options=options),
+                    options=options, prefetch_steps=c.data.prefetch_steps),
       optim=optim.OptimConfig(
           learning_rate=pick(c.train.learning_rate, "learning_rate"),
           warmup_ratio=c.train.warmup_ratio, weight_decay=c.train.weight_decay, b1=c.train.b1,
@@ -301,7 +302,7 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
         b = next(loader)
         tokens += int(np.asarray(b["attention_mask"]).sum())
         micro.append(sft.device_batch(b))
-      yield tuple(micro), tokens * procs
+      yield tuple(micro), tokens * procs, loader.get_state()
 
   writer = loop.MetricsWriter(workdir)
   eval_splits = {name: annotations.load_records(path, on_bad_sample=options.on_bad_sample,
@@ -331,11 +332,21 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
                                {"step": step, "splits": results})
     return results
 
+  # Host-side batch preparation runs ahead in a thread; checkpoints record the position of
+  # the batches actually trained on, not the read-ahead.
+  # Several processes agree on batch shapes with a collective (pipeline.process_max) that
+  # must not race the train step's collectives from another thread: no read-ahead there.
+  ahead = cfg.data.prefetch_steps if procs == 1 else 0
+  batches = loop.Prefetcher(micro_batches(), size=ahead, initial_state=loader.get_state())
   try:
-    state = loop.train_loop(
-        state, step_fn, micro_batches(), total_steps=total, writer=writer, checkpointer=ck,
-        data_state=loader.get_state, log_every=cfg.train.log_every,
-        eval_fn=evaluate if eval_splits else None, eval_every=cfg.eval_every)
+    try:
+      state = loop.train_loop(
+          state, step_fn, batches, total_steps=total, writer=writer, checkpointer=ck,
+          log_every=cfg.train.log_every, eval_fn=evaluate if eval_splits else None,
+          eval_every=cfg.eval_every)
+    finally:
+      batches.close()
+    loader.set_state(batches.data_state)  # rewind the read-ahead (and its skip counts)
     ck.save(state, loader.get_state(), force=True)
     ck.wait()
     skipped = loader.skip_metrics()
