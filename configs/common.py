@@ -53,6 +53,8 @@ def data_config() -> ml_collections.ConfigDict:
       max_seq_len=8192,
       sampling="release",  # release | fps
       num_workers=0,      # Grain decode processes
+      special_tokens=True,  # add class labels, <think>, </think>, <answer>, </answer> and
+                            # <NO_POLICY> as special tokens (the release does; new rows random)
       prefetch_steps=2,   # steps of batches prepared ahead in a thread (0 = none; one process)
       synthetic_train=300,  # generated benchmark sizes (only when train_file is "")
       synthetic_test=72,

@@ -45,6 +45,7 @@ class DataSpec:
   class_file: str
   options: pipeline.PipelineOptions
   prefetch_steps: int = 2  # steps of batches prepared ahead in a thread (0 = none)
+  special_tokens: bool = True  # class labels and <think>/<answer> tags as added tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +169,8 @@ def from_config(c) -> SFTRun:
                       param_dtype=DTYPES[c.model.param_dtype], remat=c.model.remat,
                       attention_impl=c.model.attention_impl or None),
       data=DataSpec(train_file=train_file, eval_files=eval_files, class_file=class_file,
-                    options=options, prefetch_steps=c.data.prefetch_steps),
+                    options=options, prefetch_steps=c.data.prefetch_steps,
+                    special_tokens=c.data.special_tokens),
       optim=optim.OptimConfig(
           learning_rate=pick(c.train.learning_rate, "learning_rate"),
           warmup_ratio=c.train.warmup_ratio, weight_decay=c.train.weight_decay, b1=c.train.b1,
@@ -240,7 +242,8 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
   records = annotations.load_records(cfg.data.train_file, on_bad_sample=cfg.data.options.on_bad_sample,
                                      ledger=ledger, labels=classes)
   classes = classes or annotations.labels_from_records(records)
-  chat.add_special_tokens(tokenizer, classes)
+  if cfg.data.special_tokens:  # as the release: one token per label, atomic tags
+    chat.add_special_tokens(tokenizer, classes)
   options = dataclasses.replace(cfg.data.options, labels=tuple(classes))
 
   opts = RuntimeOptions(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
