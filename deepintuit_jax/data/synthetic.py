@@ -40,6 +40,8 @@ import numpy as np
 
 from deepintuit_jax.data import prompts
 
+# Bump when the generated files change for the same arguments (cache keys can include it).
+VERSION = 2
 CLASSES = {
     "moving_left": "An object travels towards the left of the frame, keeping its size.",
     "moving_right": "An object travels towards the right of the frame, keeping its size.",
@@ -71,6 +73,13 @@ SIDES = (48, 64, 80, 96)
 _SHIFT = 4  # cv2 sub-pixel drawing: coordinates in 1/16 px
 # Smallest half-extent in px: thinner shapes lose their colour to mp4's 4:2:0 chroma.
 _MIN_SIZE = 4.5
+# The container's frame rate. Qwen2.5-VL's temporal rope position of a grid step is
+# t * (temporal_patch / fps) * tokens_per_second (2), truncated to an integer: at 8 fps the
+# steps are 0.5 apart and neighbours share a position (4 steps of 8 frames -> 3 positions,
+# measured); at 2 fps they are 2 apart, as for real videos sampled at Qwen's usual 2 fps.
+FPS = 2.0
+MOVING_SIZE = (0.08, 0.13)  # half-extent of a travelling object, x min(h, w)
+SCALING_SIZE = (0.06, 0.08)  # smallest half-extent of a growing / shrinking one
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -164,7 +173,7 @@ def sample_scene(rng: np.random.Generator, label: str, pool: str, *,
     dx, dy = {"moving_left": (-1, 0), "moving_right": (1, 0), "moving_up": (0, -1),
               "moving_down": (0, 1)}[label]
     extent = w if dx else h  # the path and the object's margins must fit along the motion
-    s = min(max(float(rng.uniform(0.08, 0.13)) * m, _MIN_SIZE),
+    s = min(max(float(rng.uniform(*MOVING_SIZE)) * m, _MIN_SIZE),
             ((1 - dist) * extent - 2.5) / 2.6)
     span_x, span_y = dist * w * abs(dx), dist * h * abs(dy)
     margin = 1.3 * s + 1
@@ -175,7 +184,7 @@ def sample_scene(rng: np.random.Generator, label: str, pool: str, *,
     scene.update(distance=round(dist, 4))
   else:
     factor = _pick(rng, p["scale"])
-    small = max(float(rng.uniform(0.06, 0.08)) * m, _MIN_SIZE)
+    small = max(float(rng.uniform(*SCALING_SIZE)) * m, _MIN_SIZE)
     big = small * factor
     s0, s1 = (small, big) if label == "growing" else (big, small)
     margin = 1.3 * big + 1
@@ -333,7 +342,7 @@ def _label_for(seed: int, split_idx: int, i: int) -> str:
 
 
 def generate(out_dir: str | os.PathLike, *, seed: int = 0, num_train: int = 300,
-             num_test: int = 72, min_frames: int = 8, max_frames: int = 16, fps: float = 8.0,
+             num_test: int = 72, min_frames: int = 8, max_frames: int = 16, fps: float = FPS,
              sides: Sequence[int] = SIDES, compact: bool = True) -> dict[str, str]:
   """Writes the benchmark under `out_dir`; returns {split: annotation path, "classes": path}.
 
@@ -383,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   ap.add_argument("--num_test", type=int, default=72, help="items in each test split")
   ap.add_argument("--min_frames", type=int, default=8)
   ap.add_argument("--max_frames", type=int, default=16)
-  ap.add_argument("--fps", type=float, default=8.0)
+  ap.add_argument("--fps", type=float, default=FPS)
   ap.add_argument("--sides", type=int, nargs="+", default=list(SIDES))
   ap.add_argument("--full_prompt", action="store_true", help="the long prompt, not compact")
   a = ap.parse_args(argv)

@@ -19,6 +19,8 @@ import numpy as np
 
 from deepintuit_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, VisionConfig
 
+# Bump when `write_tiny_checkpoint` writes different files (cache keys can include it).
+VERSION = 2
 # Qwen's special tokens, in the order of their ids in the tiny tokenizer (0..7).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -96,6 +98,9 @@ hateful offensive harmless neutral content speech image audio sound music voice 
 correct incorrect wrong true false likely unlikely certain uncertain confidence score
 match matches matching consistent inconsistent supports support contradicts reviewer
 priority tie ties overrule review rationale second opinion calibrate calibrated classify
+about as background becomes bigger centre fits gets goes gradient grid height keeping none
+only place plain position stays times towards travels ring cross stripes checker jitters
+blinks off frame speech clip
 """
 _TEMPLATES = (
     "The {c} {s} is {m} {d}.",
@@ -108,6 +113,9 @@ _TEMPLATES = (
     "Label: {label}. Answer: {label}. The final answer is {label}.",
     "You are a helpful assistant. Classify the video into one of the labels.",
     "Output format: <think>reasoning</think><answer>label</answer>",
+    "A {c} {s} on a plain background stays in place and gets bigger, about {n} times.",
+    "It travels towards the {d} of the frame, keeping its size and height. Only {label} fits.",
+    "The {s} goes {d}: same position, none other; it becomes smaller on the grid background.",
 )
 
 
