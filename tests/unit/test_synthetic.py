@@ -204,3 +204,17 @@ def test_cli(tmp_path, capsys):
   assert len(A.load_records(tmp_path / "test_open.json")) == 1
   with pytest.raises(ValueError, match="sides"):
     S.generate(tmp_path / "x", sides=(50,))
+
+
+def test_frame_rate_gives_distinct_temporal_rope_positions(bench):
+  """Qwen2.5-VL's temporal rope position of grid step t is int(t * (2 / fps) * 2); the
+  container's rate must keep the 4 steps of 8 sampled frames apart (at 8 fps they collide)."""
+  out, _ = bench
+  rec = _raw(bench, "train")[0]
+  cap = cv2.VideoCapture(os.path.join(out, rec["conversations"][0]["content"][0]["video"]))
+  fps = cap.get(cv2.CAP_PROP_FPS)
+  cap.release()
+  assert fps == pytest.approx(S.FPS)
+  positions = [int(t * (2 / fps) * 2) for t in range(4)]
+  assert positions == [0, 2, 4, 6]
+  assert len({int(t * (2 / 8.0) * 2) for t in range(4)}) < 4  # why not 8 fps

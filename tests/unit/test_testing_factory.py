@@ -36,6 +36,9 @@ def test_tokenizer_special_tokens_and_ids(tokenizer):
   assert toks[:6] == ["<|im_start|>", "user", "Ċ", "<|vision_start|>", "<|video_pad|>",
                       "<|vision_end|>"]
   assert toks[6:] == ["The", "Ġred", "Ġcircle", "Ġis", "Ġmoving", "Ġleft"]
+  # The generated benchmark's words are in the corpus (short prompts and traces).
+  for word in ("background", "stays", "travels", "bigger", "keeping", "towards", "position"):
+    assert len(tokenizer.tokenize(" " + word)) == 1, word
   # Byte-level: any text round-trips, including unseen characters.
   for s in ["Step 2: yes / no -- évidence 37°C 🙂", "  two  spaces\n\nnewlines"]:
     assert tokenizer.decode(tokenizer(s)["input_ids"]) == s
