@@ -137,14 +137,15 @@ def from_config(c) -> SFTRun:
   ckpt = c.model.checkpoint
   if not ckpt:
     from deepintuit_jax.models import testing
-    ckpt = _build_once(os.path.join(cache, "tiny_qwen2_5_vl"),
+    # Versioned names: a cache built by an older generator is never reused by mistake.
+    ckpt = _build_once(os.path.join(cache, f"tiny_qwen2_5_vl_v{testing.VERSION}"),
                        lambda p: testing.write_tiny_checkpoint(p, seed=0))
   train_file, eval_spec, class_file, video_root = (
       c.data.train_file, c.data.eval_files, c.data.class_file, c.data.video_root)
   if not train_file:
     from deepintuit_jax.data import synthetic
     n_train, n_test = c.data.synthetic_train, c.data.synthetic_test
-    root = _build_once(os.path.join(cache, f"synthetic_s0_{n_train}_{n_test}"),
+    root = _build_once(os.path.join(cache, f"synthetic_v{synthetic.VERSION}_s0_{n_train}_{n_test}"),
                        lambda p: synthetic.generate(p, seed=0, num_train=n_train,
                                                     num_test=n_test))
     train_file = os.path.join(root, "train.json")
