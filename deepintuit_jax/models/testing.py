@@ -306,3 +306,29 @@ def _portable_tokenizer_config(file: str) -> None:
     cfg["additional_special_tokens"] = extra
   cfg.pop("backend", None)
   _write_json(file, cfg)
+
+
+def micro_config(*, vision_depth: int = 1) -> Qwen2_5_VLConfig:
+  """The smallest useful config (vocab 50, decoder width 32, vision width 16), for unit tests
+  of trainers and samplers where only shapes and math matter; the last vision block uses
+  full attention."""
+  return Qwen2_5_VLConfig(
+      vision=VisionConfig(depth=vision_depth, hidden_size=16, intermediate_size=32,
+                          num_heads=1, out_hidden_size=32,
+                          fullatt_block_indexes=(vision_depth - 1,)),
+      text=TextConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, mrope_section=(1, 1, 2),
+                      tie_word_embeddings=False),
+      image_token_id=45, video_token_id=46, vision_start_token_id=47, vision_end_token_id=48)
+
+
+def randomize_norms_and_biases(torch_model) -> None:
+  """In place, on a transformers model: norm weights ~ 1 + 0.3 N(0, 1), biases ~ 0.5 N(0, 1),
+  so that a wrong parameter mapping cannot hide behind HF's ones and zeros (parity tests)."""
+  import torch
+  with torch.no_grad():
+    for name, p in torch_model.named_parameters():
+      if "norm" in name or "ln_q" in name:
+        p.copy_(1.0 + 0.3 * torch.randn_like(p))
+      elif name.endswith(".bias"):
+        p.copy_(0.5 * torch.randn_like(p))

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from deepintuit_jax.models import qwen2_5_vl, safetensors_io, testing
+from deepintuit_jax.models import testing
 from deepintuit_jax.models.qwen2_5_vl import hf_io, rope, vision
 
 torch = pytest.importorskip("torch")
@@ -32,12 +33,7 @@ def hf_dir(tmp_path_factory):
   src = testing.write_tiny_checkpoint(str(tmp_path_factory.mktemp("src")), seed=3)
   torch.manual_seed(0)
   ref = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(src).eval()
-  with torch.no_grad():
-    for name, p in ref.named_parameters():
-      if "norm" in name or "ln_q" in name:
-        p.copy_(1.0 + 0.3 * torch.randn_like(p))
-      elif name.endswith(".bias"):
-        p.copy_(0.5 * torch.randn_like(p))
+  testing.randomize_norms_and_biases(ref)
   out = str(tmp_path_factory.mktemp("hf"))
   ref.save_pretrained(out)
   for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from deepintuit_jax.models import testing
 from deepintuit_jax.models.qwen2_5_vl import rope, vision
 from deepintuit_jax.models.qwen2_5_vl.config import (
     PRESETS, Qwen2_5_VLConfig, TextConfig, VisionConfig)
@@ -64,12 +65,7 @@ def _reference(cfg: Qwen2_5_VLConfig, seed: int = 0):
   hc.vision_config._attn_implementation = "eager"
   torch.manual_seed(seed)
   ref = transformers.Qwen2_5_VLForConditionalGeneration(hc).eval()
-  with torch.no_grad():
-    for name, p in ref.named_parameters():
-      if "norm" in name or "ln_q" in name:
-        p.copy_(1.0 + 0.3 * torch.randn_like(p))
-      elif name.endswith(".bias"):
-        p.copy_(0.5 * torch.randn_like(p))
+  testing.randomize_norms_and_biases(ref)
   tensors = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
   ours = Qwen2_5_VL(cfg, rngs=nnx.Rngs(0))
   assign_hf_tensors(ours, tensors)

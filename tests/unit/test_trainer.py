@@ -9,17 +9,11 @@ import optax
 import pytest
 from flax import nnx
 
-from deepintuit_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, VisionConfig
+from deepintuit_jax.models import testing
 from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
 from deepintuit_jax.trainers import optim, sft
 
-CFG = Qwen2_5_VLConfig(
-    vision=VisionConfig(depth=1, hidden_size=16, intermediate_size=32, num_heads=1,
-                        out_hidden_size=32, fullatt_block_indexes=(0,)),
-    text=TextConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, mrope_section=(1, 1, 2),
-                    tie_word_embeddings=False),
-    image_token_id=45, video_token_id=46, vision_start_token_id=47, vision_end_token_id=48)
+CFG = testing.micro_config()
 
 
 def _batch(rng, b, t, n_real):
