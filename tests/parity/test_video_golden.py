@@ -1,10 +1,11 @@
 """preprocess_video / preprocess_image against transformers' Qwen2-VL processors.
 
 Golden files were written by scripts/make_video_golden.py from transformers' real processors
-(torchvision backend). The frames are regenerated here from the same closed formula (checked by
+(torchvision backend). The frames are regenerated with that script's closed formula (checked by
 a stored checksum). A live comparison runs too when torchvision is importable.
 """
 import glob
+import importlib.util
 import os
 
 import numpy as np
@@ -12,31 +13,24 @@ import pytest
 
 from deepintuit_jax.data.video import preprocess_image, preprocess_video
 
-GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "..", "data", "golden")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GOLDEN_DIR = os.path.join(ROOT, "tests", "data", "golden")
 FILES = sorted(glob.glob(os.path.join(GOLDEN_DIR, "*.npz")))
 
 
-def golden_frames(t: int, h: int, w: int) -> np.ndarray:
-  """Same formula as scripts/make_video_golden.py (its checksum is stored in each file)."""
-  y = np.arange(h, dtype=np.int64)[None, :, None, None]
-  x = np.arange(w, dtype=np.int64)[None, None, :, None]
-  f = np.arange(t, dtype=np.int64)[:, None, None, None]
-  c = np.arange(3, dtype=np.int64)[None, None, None, :]
-  grad = (x * 255) // max(w - 1, 1) + (y * 128) // max(h - 1, 1)
-  edge = np.where((x + 2 * y + 7 * f) % 37 < 18, 60, 0)
-  texture = (x * x * 7 + y * 13 + x * y * 3 + f * 31 + c * 67) % 97
-  return ((grad + edge + texture + 40 * c) % 256).astype(np.uint8)
+def _golden_script():
+  """scripts/make_video_golden.py (NumPy only at import): the frame formula and the summary
+  statistics the golden files were written with; its stored checksum detects drift."""
+  spec = importlib.util.spec_from_file_location(
+      "make_video_golden", os.path.join(ROOT, "scripts", "make_video_golden.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
 
 
-def frame_checksum(frames: np.ndarray) -> np.ndarray:
-  v = frames.astype(np.int64).ravel()
-  return np.array([v.sum(), (v * (np.arange(v.size) % 1009)).sum(), (v * v).sum()], np.int64)
-
-
-def stats(a: np.ndarray) -> np.ndarray:
-  a64 = a.astype(np.float64)
-  w = (np.arange(a.shape[0], dtype=np.float64) % 13)[:, None]
-  return np.array([a64.sum(), np.abs(a64).sum(), (a64 * a64).sum(), (a64 * w).sum()])
+_SCRIPT = _golden_script()
+golden_frames, frame_checksum, stats = (_SCRIPT.golden_frames, _SCRIPT.frame_checksum,
+                                        _SCRIPT.stats)
 
 
 def run_ours(kind, frames, min_px, max_px):

@@ -87,3 +87,11 @@ class RMSNorm(nnx.Module):
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
     return self.scale[...].astype(self.dtype) * y
+
+
+def maybe_remat(fn, remat: str):
+  """`fn` itself (remat "none") or `nnx.remat(fn)` with the named policy: "full" saves
+  nothing, other names are `jax.checkpoint_policies` attributes (see RuntimeOptions)."""
+  if remat == "none":
+    return fn
+  return nnx.remat(fn, policy=None if remat == "full" else getattr(jax.checkpoint_policies, remat))

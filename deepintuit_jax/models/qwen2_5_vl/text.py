@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions, TextConfig
-from deepintuit_jax.models.qwen2_5_vl.layers import Embed, Linear, RMSNorm
+from deepintuit_jax.models.qwen2_5_vl.layers import Embed, Linear, RMSNorm, maybe_remat
 
 # Logical axes of each cache array (for sharding a cache with `sharding.logical_to_spec`).
 CACHE_KV_AXES = ("batch", "length", "kv_heads", "head_dim")
@@ -200,10 +200,6 @@ def _call_layer(layer: DecoderLayer, x, cos, sin, mask, kv, index):
   return layer(x, cos, sin, mask, kv, index)
 
 
-def _remat_policy(name: str):
-  return None if name == "full" else getattr(jax.checkpoint_policies, name)
-
-
 class TextModel(nnx.Module):
   """The Qwen2 decoder stack (HF `model.*` / `model.language_model.*`), without the LM head."""
 
@@ -273,9 +269,7 @@ class TextModel(nnx.Module):
     mask = (causal[None] & key_valid[:, None, :]) | (k_slot[None, :] == q_slot[:, None])[None]
     mask = mask[:, None]
 
-    call = _call_layer
-    if self.opts.remat != "none":
-      call = nnx.remat(_call_layer, policy=_remat_policy(self.opts.remat))
+    call = maybe_remat(_call_layer, self.opts.remat)
     x = inputs_embeds.astype(self.opts.dtype)
     hidden = [] if output_hidden_states else None
     new_k, new_v = [], []

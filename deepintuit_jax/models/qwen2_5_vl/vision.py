@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions, VisionConfig
-from deepintuit_jax.models.qwen2_5_vl.layers import Linear, RMSNorm
+from deepintuit_jax.models.qwen2_5_vl.layers import Linear, RMSNorm, maybe_remat
 from deepintuit_jax.models.qwen2_5_vl.vision_layout import (  # noqa: F401  (re-exported)
     BlockLayout, VisionLayout, vision_layout)
 
@@ -161,10 +161,6 @@ def _call_block(block: VisionBlock, x, cos, sin, blocks: BlockLayout, mask):
   return block(x, cos, sin, blocks, mask)
 
 
-def _remat_policy(name: str):
-  return None if name == "full" else getattr(jax.checkpoint_policies, name)
-
-
 class VisionTower(nnx.Module):
   """Qwen2.5-VL's vision transformer; parameter paths mirror HF's `visual.*` keys."""
 
@@ -198,9 +194,7 @@ class VisionTower(nnx.Module):
     used = {"full" if i in self.config.fullatt_block_indexes else "windowed"
             for i in range(self.config.depth)}
     masks = {k: block_mask(kinds[k]) for k in used}  # once per call, shared by the blocks
-    call = _call_block
-    if self.opts.remat != "none":
-      call = nnx.remat(_call_block, policy=_remat_policy(self.opts.remat))
+    call = maybe_remat(_call_block, self.opts.remat)
     for i, block in enumerate(self.blocks):
       kind = "full" if i in self.config.fullatt_block_indexes else "windowed"
       x = call(block, x, cos, sin, kinds[kind], masks[kind])
