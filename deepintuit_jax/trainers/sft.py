@@ -310,22 +310,34 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   if mesh is None or state_sharding is None:
     jitted = jax.jit(step, donate_argnums=0)
 
+    def place(mb: dict) -> dict:
+      return mb if _on_device(mb) else jax.device_put(as_groups(mb))
+
     def run(state: TrainState, micro: tuple[dict, ...]):
-      return jitted(state, tuple(as_groups(mb) for mb in micro))
+      return jitted(state, tuple(place(mb) for mb in micro))
   else:
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, replicated))
 
+    def place(mb: dict) -> dict:
+      # Groups data-parallel (see batch_shardings); jit then takes the committed shardings
+      # of its arguments as in_shardings.
+      return mb if _on_device(mb) else place_batch(as_groups(mb), mesh)
+
     def run(state: TrainState, micro: tuple[dict, ...]):
-      # Place each micro-batch explicitly (groups data-parallel, see batch_shardings); jit
-      # then takes the committed shardings of its arguments as in_shardings.
       if not _placed(state, state_sharding):
         state = jax.device_put(state, state_sharding)
-      placed = tuple(place_batch(as_groups(mb), mesh) for mb in micro)
-      return jitted(state, placed)
+      return jitted(state, tuple(place(mb) for mb in micro))
   run.jitted = jitted
+  # `place` lets a data thread transfer batches ahead of the step (run skips placed ones).
+  run.place = place
   run.num_traces = lambda: traces[0]
   return run
+
+
+def _on_device(mb: dict) -> bool:
+  """Already placed by `step.place` (its token ids are a jax Array)."""
+  return isinstance(mb.get("input_ids"), jax.Array)
 
 
 def _placed(state: TrainState, shardings: TrainState) -> bool:

@@ -305,7 +305,7 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
       for _ in range(cfg.train.accum):
         b = next(loader)
         tokens += int(np.asarray(b["attention_mask"]).sum())
-        micro.append(sft.device_batch(b))
+        micro.append(step_fn.place(sft.device_batch(b)))  # host->device in this thread
       yield tuple(micro), tokens * procs, loader.get_state()
 
   writer = loop.MetricsWriter(workdir)
