@@ -125,12 +125,13 @@ def bench_jax(cfg, b, args) -> tuple[float, object]:
   from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions
   from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
   from deepintuit_jax.trainers import optim, sft
+  from deepintuit_jax.trainers import state as train_state
   dt = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
   model = Qwen2_5_VL(cfg, RuntimeOptions(dtype=dt, param_dtype=jnp.float32, remat=args.remat),
                      rngs=nnx.Rngs(0))
   ocfg = optim.OptimConfig(learning_rate=1e-5, warmup_ratio=0.0)
   tx = optim.make_optimizer(ocfg, 1000)
-  graphdef, state = sft.init_state(model, tx, (), 0)
+  graphdef, state = train_state.init_state(model, tx, (), 0)
   del model
   layout = vision.vision_layout(b["grid"], cfg.vision)
   batch = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"],

@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from deepintuit_jax.trainers.sft import TrainState
+from deepintuit_jax.trainers.state import TrainState
 
 
 def _abstract(tree: Any, shardings: Any | None = None) -> Any:

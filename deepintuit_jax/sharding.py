@@ -111,3 +111,100 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Modul
   for _, var in nnx.to_flat_state(nnx.state(model)):
     var.set_value(jax.device_put(var.get_value(), variable_sharding(var, mesh, rules)))
   return model
+
+
+# ------------------------------------------------------------------------ batch placement
+# Row (batch) axis of each per-row array *inside one group* (a grouped batch adds a leading
+# group axis in front). Callers with more per-row arrays extend it, e.g.
+# `dict(ROW_AXES, advantages=0)`, and pass it as `row_axes=`.
+ROW_AXES: dict[str, int] = {"input_ids": 0, "attention_mask": 0, "loss_mask": 0,
+                            "position_ids": 1, "rope_deltas": 0}
+# Per-group arrays shared by all rows of the group (vision inputs: rows index into them).
+SHARED_KEYS: tuple[str, ...] = ("pixel_values_videos", "video_layout", "pixel_values",
+                                "image_layout")
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """Devices along the data-parallel axes ("data" x "fsdp")."""
+  return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+
+
+def local_data_groups(mesh: Mesh) -> int:
+  """How many data-parallel shards (distinct ("data", "fsdp") coordinates) this process's
+  devices hold: the number of groups its batches should have."""
+  axes = [i for i, name in enumerate(mesh.axis_names) if name in ("data", "fsdp")]
+  me = jax.process_index()
+  coords = {tuple(idx[i] for i in axes) for idx in np.ndindex(mesh.devices.shape)
+            if mesh.devices[idx].process_index == me}
+  return max(len(coords), 1)
+
+
+def is_grouped(batch: dict) -> bool:
+  """A grouped batch has `input_ids [G, b, T]`; an un-grouped one `[B, T]`."""
+  ndim = np.ndim(batch["input_ids"])
+  if ndim not in (2, 3):
+    raise ValueError(f"input_ids must be [B, T] or [G, b, T], got shape "
+                     f"{np.shape(batch['input_ids'])}")
+  return ndim == 3
+
+
+def as_groups(batch: dict) -> dict:
+  """The batch with a leading group axis (an un-grouped batch becomes one group)."""
+  if is_grouped(batch):
+    return batch
+  return jax.tree.map(lambda x: np.asarray(x)[None], batch)
+
+
+def batch_shardings(batch: dict, mesh: Mesh, num_groups: int | None = None,
+                    row_axes: dict[str, int] | None = None, rules=DEFAULT_RULES) -> dict:
+  """Shardings of a grouped batch (`num_groups` global groups; default: this batch's G
+  times the process count).
+
+  When the data-parallel size divides G, every array is split over ("data", "fsdp") on its
+  group axis: each device holds whole groups, vision inputs included. Otherwise (G = 1 on
+  one process) each array in `row_axes` (default ROW_AXES) is split on its row axis when it
+  divides, the SHARED_KEYS (vision inputs) are replicated, and any other key is an error
+  (a per-row array missing from the table would silently be replicated)."""
+  row_axes = ROW_AXES if row_axes is None else row_axes
+  g = num_groups if num_groups is not None else (
+      np.shape(batch["input_ids"])[0] * jax.process_count())
+  if g % data_parallel_size(mesh) == 0:
+    def by_group(x):
+      shape = (g,) + np.shape(x)[1:]
+      return NamedSharding(mesh, logical_to_spec(
+          ("batch",) + (None,) * (len(shape) - 1), rules, mesh, shape))
+    return jax.tree.map(by_group, batch)
+  out = {}
+  for k, v in batch.items():
+    if k in row_axes:
+      shape = np.shape(v)
+      axes = [None] * len(shape)
+      axes[row_axes[k] + 1] = "batch"
+      out[k] = NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape))
+    elif k in SHARED_KEYS:
+      out[k] = jax.tree.map(lambda _: NamedSharding(mesh, P()), v)
+    else:
+      raise KeyError(f"batch key {k!r} has no row axis: add it to row_axes (see "
+                     "sharding.ROW_AXES) or to sharding.SHARED_KEYS if every row shares it")
+  return out
+
+
+def place_batch(batch: dict, mesh: Mesh, row_axes: dict[str, int] | None = None) -> dict:
+  """A process-local grouped batch -> global jax Arrays on `mesh`.
+
+  Each process passes its own G_local groups; the global group axis is
+  G_local * process_count, assembled with `jax.make_array_from_process_local_data` (on one
+  process this is a plain placement). Several processes need the group axis sharded (the
+  data-parallel size must divide the global G)."""
+  pc = jax.process_count()
+  g = np.shape(batch["input_ids"])[0] * pc
+  if pc > 1 and g % data_parallel_size(mesh):
+    raise ValueError(f"{g} global batch groups do not divide over the data-parallel size "
+                     f"{data_parallel_size(mesh)} of mesh {dict(mesh.shape)}: with several "
+                     "processes every process must feed whole groups")
+  shardings = batch_shardings(batch, mesh, g, row_axes)
+
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(s, x, (x.shape[0] * pc,) + x.shape[1:])
+  return jax.tree.map(put, batch, shardings)

@@ -80,6 +80,7 @@ def main(argv=None) -> dict:
   from deepintuit_jax.models import qwen2_5_vl, testing
   from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions
   from deepintuit_jax.trainers import optim, sft
+  from deepintuit_jax.trainers import state as train_state
 
   cfg = testing.tiny_config() if args.size == "tiny" else qwen2_5_vl.PRESETS[args.size]
   if args.layers:
@@ -87,7 +88,7 @@ def main(argv=None) -> dict:
   dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
   opts = RuntimeOptions(dtype=dtype, param_dtype=jnp.float32, remat=args.remat)
   mesh = sharding_lib.make_mesh(tuple(int(x) for x in args.mesh.split(",")))
-  groups = sft.local_data_groups(mesh)
+  groups = sharding_lib.local_data_groups(mesh)
   if args.batch % groups:
     raise ValueError(f"--batch {args.batch} must be a multiple of the {groups} data-parallel "
                      f"shards of mesh {dict(mesh.shape)}")
@@ -97,20 +98,20 @@ def main(argv=None) -> dict:
   ocfg = optim.OptimConfig(frozen=tuple(p for p in args.frozen.split(",") if p))
   tx = optim.make_optimizer(ocfg, 1000)
   graphdef, params, frozen, rest = optim.partition(model, ocfg.frozen)
-  state = sft.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+  state = train_state.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                          frozen=frozen, rest=rest, opt_state=jax.eval_shape(tx.init, params),
                          rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-  shardings = sft.state_shardings(state, mesh)
+  shardings = train_state.state_shardings(state, mesh)
   leaves, treedef = jax.tree.flatten(state)
   sh = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
   assert len(leaves) == len(sh), (len(leaves), len(sh))
   abstract_state = treedef.unflatten(
       [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip(leaves, sh)])
 
-  host = sft.as_groups(sft.device_batch(fake_batch(
+  host = sharding_lib.as_groups(sft.device_batch(fake_batch(
       cfg, batch=args.batch, groups=groups, text=args.text, frames=args.frames,
       side=args.side)))
-  batch_sh = sft.batch_shardings(host, mesh)
+  batch_sh = sharding_lib.batch_shardings(host, mesh)
   abstract_batch = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=s),
       host, batch_sh)

@@ -138,63 +138,88 @@ def _progress(total: int, initial: int):
   return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, mininterval=1.0)
 
 
-def train_loop(state: Any, step_fn: Callable, micro_batches: Iterator[tuple[tuple, int]], *,
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+  """The scalar entries of a metrics dict as Python numbers (`ok` and arrays left out)."""
+  out = {}
+  for k, v in metrics.items():
+    if k == "ok":
+      continue
+    v = _plain(v)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+      out[k] = v
+  return out
+
+
+def _crossed(prev: int, done: int, every: int) -> bool:
+  """Whether (prev, done] holds a multiple of `every` (a step may advance state.step by
+  several optimizer steps, e.g. GRPO's mini-batches)."""
+  return bool(every) and done // every > prev // every
+
+
+def train_loop(state: Any, step_fn: Callable, micro_batches: Iterator[tuple], *,
                total_steps: int, writer: MetricsWriter, checkpointer=None,
                data_state: Callable[[], dict] | None = None, log_every: int = 1,
                eval_fn: Callable[[Any, int], None] | None = None, eval_every: int = 0,
                on_finite_error: Callable[[], None] | None = None) -> Any:
-  """Runs `step_fn` from `state.step` to `total_steps`; returns the final state.
+  """Runs `step_fn` until `state.step` reaches `total_steps`; returns the final state.
 
-  micro_batches: yields (tuple of device-ready micro-batches, real tokens in them) per step,
-    optionally with a third element: the data iterator state after those batches (what a
-    `Prefetcher` yields); it takes precedence over `data_state`.
-  data_state: the data iterator state *after* the batches of the step just taken.
+  Progress is `state.step` (optimizer steps), so a `step_fn` may take several optimizer
+  steps per item; logging, checkpoints and evals fire when their cadence is crossed.
+  micro_batches: yields (payload for step_fn, real tokens in it) per item, optionally with
+    a third element, the data iterator state after it (what a `Prefetcher` yields), and a
+    fourth, a dict of host-side metrics to log with the step's.
+  data_state: the data iterator state after the item just trained on; when given it takes
+    precedence over the items' (a step_fn that draws more data itself needs it).
+  Every scalar the step returns (except `ok`) is logged, plus tokens_per_second (unless the
+  step reports its own) and step_time.
   eval_fn(state, step): called every `eval_every` steps (not at the end: the caller does).
   """
   start = int(state.step)
   bar = _progress(total_steps, start)
-  t_last, tokens_since, steps_since = time.perf_counter(), 0, 0
+  t_last, tokens_since, items_since = time.perf_counter(), 0, 0
+  done = start
   try:
-    for step in range(start, total_steps):
+    while done < total_steps:
       try:
         item = next(micro_batches)
       except StopIteration:
-        print(f"data exhausted at step {step} of {total_steps}", flush=True)
+        print(f"data exhausted at step {done} of {total_steps}", flush=True)
         break
-      micro, n_tokens = item[0], item[1]
+      payload, n_tokens = item[0], item[1]
       item_state = item[2] if len(item) > 2 else None
-      state, metrics = step_fn(state, micro)
+      host_metrics = item[3] if len(item) > 3 else {}
+      state, metrics = step_fn(state, payload)
       metrics = jax.device_get(metrics)
+      prev, done = done, int(state.step)
       if not bool(metrics["ok"]):
         if checkpointer is not None:
           checkpointer.wait()  # the last good checkpoint must be complete before we exit
         if on_finite_error is not None:
           on_finite_error()
         raise NonFiniteError(
-            f"non-finite loss or gradients at step {step + 1} (loss {float(metrics['loss'])}, "
+            f"non-finite loss or gradients at step {prev + 1} (loss {float(metrics['loss'])}, "
             f"grad_norm {float(metrics['grad_norm'])}); the state was not updated and the "
             f"last good checkpoint is step "
             f"{checkpointer.latest_step() if checkpointer is not None else None}")
       tokens_since += n_tokens
-      steps_since += 1
-      done = int(state.step)
-      if done % log_every == 0 or done == total_steps:
+      items_since += 1
+      if _crossed(prev, done, log_every) or done >= total_steps:
         now = time.perf_counter()
-        tps = tokens_since / max(now - t_last, 1e-9)
-        row = dict(loss=float(metrics["loss"]), lr=float(metrics["lr"]),
-                   grad_norm=float(metrics["grad_norm"]), loss_tokens=int(metrics["tokens"]),
-                   tokens_per_second=tps, step_time=(now - t_last) / steps_since)
+        row = {**_scalars(host_metrics), **_scalars(metrics)}
+        row.setdefault("tokens_per_second", tokens_since / max(now - t_last, 1e-9))
+        row["step_time"] = (now - t_last) / items_since
         writer.write(done, row, prefix="train/")
         if bar is not None:
-          bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tps:.0f}", refresh=False)
-        t_last, tokens_since, steps_since = now, 0, 0
+          shown = {k: f"{row[k]:.4g}" for k in ("loss", "reward_mean") if k in row}
+          bar.set_postfix(**shown, tok_s=f"{row['tokens_per_second']:.0f}", refresh=False)
+        t_last, tokens_since, items_since = now, 0, 0
       if bar is not None:
-        bar.update(1)
-      if checkpointer is not None:
-        checkpointer.save(
-            state, item_state if item_state is not None else data_state() if data_state else {},
-            force=done == total_steps)
-      if eval_fn is not None and eval_every and done % eval_every == 0 and done != total_steps:
+        bar.update(done - prev)
+      if checkpointer is not None and (_crossed(prev, done, checkpointer.every_steps)
+                                       or done >= total_steps):
+        ds = data_state() if data_state is not None else item_state
+        checkpointer.save(state, ds if ds is not None else {}, force=True)
+      if eval_fn is not None and _crossed(prev, done, eval_every) and done < total_steps:
         eval_fn(state, done)
   finally:
     if bar is not None:

@@ -12,6 +12,7 @@ from flax import nnx
 from deepintuit_jax import checkpointing
 from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
 from deepintuit_jax.trainers import optim, sft
+from deepintuit_jax.trainers import state as train_state
 
 from tests.unit.test_trainer import CFG, _batch
 
@@ -20,7 +21,7 @@ def _state(seed=0, frozen=(r"^visual\.",)):
   model = Qwen2_5_VL(CFG, rngs=nnx.Rngs(seed))
   cfg = optim.OptimConfig(learning_rate=1e-2, warmup_ratio=0.0, frozen=frozen)
   tx = optim.make_optimizer(cfg, 10)
-  graphdef, state = sft.init_state(model, tx, frozen, seed)
+  graphdef, state = train_state.init_state(model, tx, frozen, seed)
   return graphdef, state, tx, optim.schedule(cfg, 10)
 
 
@@ -71,7 +72,7 @@ def test_restore_with_shardings(tmp_path):
   ck.save(state, {}, force=True)
   ck.wait()
   mesh = make_mesh((2, 2, 2))
-  shard = sft.state_shardings(state, mesh)
+  shard = train_state.state_shardings(state, mesh)
   restored, _ = ck.restore(state, shard)
   emb = restored.params["model"]["embed_tokens"]["embedding"][...]
   assert emb.sharding == shard.params["model"]["embed_tokens"]["embedding"]

@@ -2,6 +2,8 @@
 cross-entropy, and one compile per (length bucket, patch bucket)."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,14 +11,19 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from deepintuit_jax import sharding
 from deepintuit_jax.data import batching, pipeline
 from deepintuit_jax.data.examples import PipelineOptions
 from deepintuit_jax.models import testing
 from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
 from deepintuit_jax.sharding import make_mesh
 from deepintuit_jax.trainers import optim, sft
+from deepintuit_jax.trainers import state as train_state
 
+# Two vision blocks (one windowed, one full attention: window layouts are per group), one
+# decoder layer: the compile-bound tests here only need the layouts and the math.
 CFG = testing.micro_config(vision_depth=2)
+CFG = CFG.replace(text=dataclasses.replace(CFG.text, num_hidden_layers=1))
 OPTS = PipelineOptions(length_buckets=(32, 48, 64), max_seq_len=64,
                        patch_buckets=(32, 64, 128), max_frame_patches=64)
 PATCH_DIM = CFG.vision.patch_dim
@@ -52,13 +59,14 @@ def _setup(seed=0):
   model = Qwen2_5_VL(CFG, rngs=nnx.Rngs(seed))
   cfg = optim.OptimConfig(learning_rate=1e-2, warmup_ratio=0.0, grad_clip=0.0)
   tx = optim.make_optimizer(cfg, 10)
-  graphdef, state = sft.init_state(model, tx, (), seed)
+  graphdef, state = train_state.init_state(model, tx, (), seed)
   return graphdef, state, tx, optim.schedule(cfg, 10)
 
 
 def _loss_and_grads(graphdef, state, batch, loss_chunk=0):
   loss_fn = sft.make_loss_fn(graphdef, loss_chunk)
-  f = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  sum_and_count = lambda *a: loss_fn(*a)[:2]  # noqa: E731 (the aux dict of SFT is empty)
+  f = jax.jit(jax.value_and_grad(sum_and_count, has_aux=True))
   (s, n), g = f(state.params, state.frozen, state.rest, batch)
   return float(s), float(n), jax.tree.map(np.asarray, g)
 
@@ -105,12 +113,12 @@ def test_grouped_step_equals_ungrouped_and_shards_vision_by_group():
   ex = _examples()
   flat, grouped = sft.device_batch(_collate(ex)), sft.device_batch(_collate(ex, groups=8))
   graphdef, state, tx, lr = _setup()
-  s_ref, n_ref, g_ref = _loss_and_grads(graphdef, state, sft.as_groups(flat))
+  s_ref, n_ref, g_ref = _loss_and_grads(graphdef, state, sharding.as_groups(flat))
 
   mesh = make_mesh((4, 2, 1))
-  assert sft.local_data_groups(mesh) == 8
-  assert sft.local_data_groups(make_mesh((2, 1, 4))) == 2
-  placed = sft.place_batch(grouped, mesh)
+  assert sharding.local_data_groups(mesh) == 8
+  assert sharding.local_data_groups(make_mesh((2, 1, 4))) == 2
+  placed = sharding.place_batch(grouped, mesh)
   pv = placed["pixel_values_videos"]
   assert pv.shape == (8, 32, PATCH_DIM)
   assert pv.sharding.spec == P(("data", "fsdp"), None, None)
@@ -123,7 +131,7 @@ def test_grouped_step_equals_ungrouped_and_shards_vision_by_group():
   assert perm.sharding.spec[0] == ("data", "fsdp")
   assert placed["position_ids"].sharding.spec == P(("data", "fsdp"), None, None, None)
 
-  shard_state = jax.device_put(state, sft.state_shardings(state, mesh))
+  shard_state = jax.device_put(state, train_state.state_shardings(state, mesh))
   s, n, g = _loss_and_grads(graphdef, shard_state, placed)
   assert n == n_ref == sum(int(e["loss_mask"].sum()) for e in ex)
   np.testing.assert_allclose(s, s_ref, rtol=1e-5)
@@ -132,7 +140,7 @@ def test_grouped_step_equals_ungrouped_and_shards_vision_by_group():
   # The full sharded train step on the grouped batch == the un-sharded step un-grouped.
   ref = sft.make_train_step(graphdef, tx, lr)
   step = sft.make_train_step(graphdef, tx, lr, mesh=mesh,
-                             state_sharding=sft.state_shardings(state, mesh))
+                             state_sharding=train_state.state_shardings(state, mesh))
   s1, m1 = ref(jax.tree.map(jnp.copy, state), (flat,))
   s2, m2 = step(jax.tree.map(jnp.copy, state), (grouped,))
   np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
@@ -143,7 +151,7 @@ def test_grouped_step_equals_ungrouped_and_shards_vision_by_group():
 
 
 def test_chunked_ce_equals_unchunked_loss_and_grads():
-  batch = sft.as_groups(sft.device_batch(_collate(_examples(seed=1))))
+  batch = sharding.as_groups(sft.device_batch(_collate(_examples(seed=1))))
   graphdef, state, _, _ = _setup(seed=1)
   s0, n0, g0 = _loss_and_grads(graphdef, state, batch)
   t = batch["input_ids"].shape[-1]
@@ -189,5 +197,20 @@ def test_step_compiles_once_per_bucket_pair():
   assert float(m["tokens"]) == sum(int(b["loss_mask"].sum()) for b in two)
 
 
-def test_process_max_on_one_process_is_identity():
-  assert pipeline.process_max((48, 64)) == (48, 64)
+def test_process_max_takes_the_elementwise_max_over_processes(monkeypatch):
+  """Two simulated processes: the gathered (length, patch) pairs [[48, 64], [64, 32]] give
+  (64, 64), computed by hand; one process returns its values without any collective."""
+  from jax.experimental import multihost_utils
+  calls = []
+
+  def gather(x):
+    calls.append(np.asarray(x).tolist())
+    return np.array([[48, 64], [64, 32]], np.int32)
+
+  monkeypatch.setattr(multihost_utils, "process_allgather", gather)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert pipeline.process_max((48, 64)) == (64, 64)
+  assert calls == [[48, 64]]
+  monkeypatch.setattr(jax, "process_count", lambda: 1)
+  got = pipeline.process_max((np.int64(48), 32))
+  assert got == (48, 32) and all(type(v) is int for v in got) and len(calls) == 1

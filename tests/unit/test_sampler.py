@@ -153,12 +153,21 @@ def test_top_p_sampling_frequencies():
 
 
 def test_top_p_one_is_plain_temperature_sampling():
-  logits = jax.random.normal(jax.random.key(1), (64, 50)) * 3
-  key = jax.random.key(5)
-  tok, _ = choose_tokens(logits, key, jnp.float32(0.7), jnp.float32(1.0))
-  np.testing.assert_array_equal(tok, jax.random.categorical(key, logits / 0.7, axis=-1))
-  greedy, _ = choose_tokens(logits, key, jnp.float32(0.0), jnp.float32(0.3))
-  np.testing.assert_array_equal(greedy, jnp.argmax(logits, -1))
+  """top_p = 1 keeps every token: frequencies follow softmax(logits / T) (NumPy), including
+  a token of 2% mass that any nucleus below 0.98 would drop; T = 0 is the argmax."""
+  probs = np.array([0.02, 0.48, 0.2, 0.3])
+  t = 0.7
+  want = probs ** (1 / t) / (probs ** (1 / t)).sum()  # softmax(log p / T)
+  b = 6000
+  logits = jnp.log(jnp.tile(jnp.asarray(probs[None], jnp.float32), (b, 1)))
+  tok, _ = choose_tokens(logits, jax.random.key(5), jnp.float32(t), jnp.float32(1.0))
+  freq = np.bincount(np.asarray(tok), minlength=4) / b
+  np.testing.assert_allclose(freq, want, atol=0.02)
+  assert freq[0] > 0
+  rows = np.random.default_rng(1).normal(size=(64, 50)).astype(np.float32) * 3
+  greedy, _ = choose_tokens(jnp.asarray(rows), jax.random.key(5), jnp.float32(0.0),
+                            jnp.float32(0.3))
+  np.testing.assert_array_equal(np.asarray(greedy), rows.argmax(-1))
 
 
 def test_argument_errors(model):

@@ -16,6 +16,33 @@ IMG, VID, VS, VE = (testing.TOKEN_IDS[t] for t in (
     "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
 
 
+F, T = "fsdp", "tensor"
+# The sharding every tiny-model parameter must get, written out by hand from the rules'
+# intent (matrices: model width over fsdp, heads / MLP / vocab over tensor; norms follow the
+# width; the fused vision qkv and the patch dimension stay whole). Every dimension of the
+# tiny model divides the mesh sizes tested, so nothing is dropped.
+_EXPECTED = [
+    (r"lm_head\.kernel$", (F, T)), (r"embed_tokens\.embedding$", (T, F)),
+    (r"(norm\d?|layernorm|ln_q)\.scale$", (F,)),
+    (r"(gate_proj|up_proj|q_proj|k_proj|v_proj)\.kernel$", (F, T)),
+    (r"(gate_proj|up_proj|q_proj|k_proj|v_proj)\.bias$", (T,)),
+    (r"(down_proj|o_proj|attn\.proj)\.kernel$", (T, F)),
+    (r"(down_proj|attn\.proj)\.bias$", (F,)),
+    (r"qkv\.kernel$", (F, None)), (r"qkv\.bias$", (None,)),
+    (r"merger\.mlp\.0\.kernel$", (F, T)), (r"merger\.mlp\.0\.bias$", (T,)),
+    (r"merger\.mlp\.2\.kernel$", (T, F)), (r"merger\.mlp\.2\.bias$", (F,)),
+    (r"patch_embed\.proj\.kernel$", (None, F)),
+]
+
+
+def _expected_spec(path) -> P:
+  import re
+  name = ".".join(map(str, path))
+  (spec,) = [s for pat, s in _EXPECTED if re.search(pat, name)] or [None]
+  assert spec is not None, f"no expected sharding written for {name}"
+  return P(*spec)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
   return testing.write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")), seed=5)
@@ -75,10 +102,7 @@ def test_sharded_load_and_forward_match_unsharded(ckpt, reference, shape):
   mesh = sharding.make_mesh(shape)
   model = qwen2_5_vl.from_pretrained(ckpt, dtype=jnp.float32, mesh=mesh)
   for path, var in hf_io.param_items(model):
-    value = var.get_value()
-    want = sharding.logical_to_spec(sharding.variable_axes(var), sharding.DEFAULT_RULES, mesh,
-                                    value.shape)
-    assert value.sharding == NamedSharding(mesh, want), path
+    assert var.get_value().sharding == NamedSharding(mesh, _expected_spec(path)), path
   emb = model.model.embed_tokens.embedding[...]
   assert emb.sharding.spec == P("tensor", "fsdp")
   # Each device holds only its slice (loaded straight into the sharding).
@@ -98,7 +122,7 @@ def test_shard_model_and_resize_keep_shardings(ckpt):
   old = np.asarray(model.lm_head.kernel[...])
   sharding.shard_model(model, mesh)
   for path, var in hf_io.param_items(model):
-    assert var.get_value().sharding == sharding.variable_sharding(var, mesh), path
+    assert var.get_value().sharding == NamedSharding(mesh, _expected_spec(path)), path
   bigger = qwen2_5_vl.resize_token_embeddings(model, 1152, seed=1, std=0.5)
   assert bigger.config.text.vocab_size == 1152 and model.config.text.vocab_size == 1088
   emb, head = bigger.model.embed_tokens.embedding[...], bigger.lm_head.kernel[...]
@@ -114,3 +138,30 @@ def test_shard_model_and_resize_keep_shardings(ckpt):
                                 np.asarray(model.model.norm.scale[...]))
   with pytest.raises(ValueError, match="shrinking"):
     qwen2_5_vl.resize_token_embeddings(model, 1000)
+
+
+def test_batch_shardings_follow_the_row_axis_table():
+  """Un-grouped on 8 devices: per-row arrays split on their row axis (as the table says),
+  vision inputs replicated, a key missing from the table refused; 8 groups: every array
+  split on the group axis."""
+  mesh = sharding.make_mesh((4, 2, 1))
+  dp = ("data", "fsdp")
+  b = {"input_ids": np.zeros((1, 8, 5), np.int32), "loss_mask": np.zeros((1, 8, 5), np.int32),
+       "position_ids": np.zeros((1, 3, 8, 5), np.int32),
+       "pixel_values_videos": np.zeros((1, 12, 4), np.float32),
+       "advantages": np.zeros((1, 8), np.float32),
+       "old_logprobs": np.zeros((1, 8, 5), np.float32)}
+  with pytest.raises(KeyError, match="advantages"):
+    sharding.batch_shardings(b, mesh)
+  table = dict(sharding.ROW_AXES, advantages=0, old_logprobs=0)
+  sh = sharding.batch_shardings(b, mesh, row_axes=table)
+  assert sh["input_ids"].spec == P(None, dp, None) == sh["old_logprobs"].spec
+  assert sh["position_ids"].spec == P(None, None, dp, None)
+  assert sh["advantages"].spec == P(None, dp)
+  assert sh["pixel_values_videos"].spec == P()
+  placed = sharding.place_batch(b, mesh, table)
+  assert {s.data.shape for s in placed["advantages"].addressable_shards} == {(1, 1)}
+  grouped = jax.tree.map(lambda x: np.repeat(x, 8, axis=0), b)
+  sh = sharding.batch_shardings(grouped, mesh)  # whole groups: no table needed
+  assert sh["advantages"].spec == P(dp, None)
+  assert sh["pixel_values_videos"].spec == P(dp, None, None)

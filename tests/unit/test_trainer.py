@@ -12,6 +12,7 @@ from flax import nnx
 from deepintuit_jax.models import testing
 from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
 from deepintuit_jax.trainers import optim, sft
+from deepintuit_jax.trainers import state as train_state
 
 CFG = testing.micro_config()
 
@@ -55,7 +56,7 @@ def _setup(frozen=(), lr=1e-2, seed=0):
   model = Qwen2_5_VL(CFG, rngs=nnx.Rngs(seed))
   cfg = optim.OptimConfig(learning_rate=lr, warmup_ratio=0.0, grad_clip=0.0, frozen=frozen)
   tx = optim.make_optimizer(cfg, 10)
-  graphdef, state = sft.init_state(model, tx, frozen, seed)
+  graphdef, state = train_state.init_state(model, tx, frozen, seed)
   return graphdef, state, tx, optim.schedule(cfg, 10)
 
 
@@ -129,7 +130,7 @@ def test_sharded_step_runs_on_mesh():
   from deepintuit_jax.sharding import make_mesh
   mesh = make_mesh((2, 2, 2))
   graphdef, state, tx, lr = _setup()
-  shard = sft.state_shardings(state, mesh)
+  shard = train_state.state_shardings(state, mesh)
   step = sft.make_train_step(graphdef, tx, lr, mesh=mesh, state_sharding=shard)
   ref = sft.make_train_step(graphdef, tx, lr)
   batch = _batch(np.random.default_rng(4), 4, 8, [8, 6, 5, 8])

@@ -1,0 +1,360 @@
+"""The plumbing every stage shares, so that a stage file is a short composition:
+
+* config pieces -> frozen specs (`model_spec`, `data_spec`, `checkpoint_spec`, `eval_spec`)
+  with the recipe sentinels resolved (`Recipe`: -1 / -1.0 / "auto" take the stage's RELEASE
+  table for a real checkpoint, its TINY table for the built-in tiny model) and the embedded
+  default (tiny model, generated benchmark) built into the cache once (`build_once`);
+* `prepare`: resume order, tokenizer (+ the release's added tokens), records, classes, model;
+* `init_train_state`: the one resume order (the workdir's own latest complete checkpoint >
+  `init_from` > `model.checkpoint`), placed on the mesh;
+* `Evaluator`: held-out generative eval (metrics rows, predictions, report) on a cadence;
+* `export`: the trained model as an HF directory with the extended tokenizer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from deepintuit_jax import checkpointing, sharding
+from deepintuit_jax.data import annotations, chat, errors, pipeline
+from deepintuit_jax.evals import generation, metrics as metrics_lib
+from deepintuit_jax.trainers import loop, optim
+from deepintuit_jax.trainers.state import TrainState, init_state, state_shardings, trainable_model
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  checkpoint: str          # resolved HF directory
+  dtype: Any
+  param_dtype: Any
+  remat: str
+  attention_impl: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  train_file: str
+  eval_files: tuple[tuple[str, str], ...]
+  class_file: str
+  options: pipeline.PipelineOptions
+  prefetch_steps: int = 2  # steps of batches prepared ahead in a thread (0 = none)
+  special_tokens: bool = True  # class labels and <think>/<answer> tags as added tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+  every_steps: int
+  keep: int
+  export: bool
+  async_save: bool
+
+
+class Recipe:
+  """Resolves the `-1` / `-1.0` / `"auto"` sentinels of a stage config.
+
+  `recipe` auto | release | tiny (auto = release iff model.checkpoint is set); `release` /
+  `tiny`: the stage's two tables of defaults."""
+
+  def __init__(self, recipe: str, checkpoint: str, release: Mapping[str, Any],
+               tiny: Mapping[str, Any]):
+    if recipe not in ("auto", "release", "tiny"):
+      raise ValueError(f"recipe={recipe!r}: must be auto, release or tiny")
+    if recipe == "auto":
+      recipe = "release" if checkpoint else "tiny"
+    self.name = recipe
+    self.table = dict(release if recipe == "release" else tiny)
+
+  def __call__(self, value: Any, key: str) -> Any:
+    """`value` unless it is a sentinel, else the table's `key`."""
+    if isinstance(value, bool) or value not in (-1, -1.0, "auto"):
+      return value
+    if key not in self.table:
+      raise KeyError(f"no recipe default for {key!r} (table keys: {sorted(self.table)})")
+    return self.table[key]
+
+
+def cache_dir(configured: str) -> str:
+  return os.path.abspath(os.path.expanduser(
+      configured or os.environ.get("DEEPINTUIT_CACHE", "") or "~/.cache/deepintuit_jax"))
+
+
+def build_once(path: str, build: Callable[[str], Any]) -> str:
+  """Runs build(tmp) and renames tmp to `path`, unless `path` exists (atomic, so a run
+  killed while building never leaves a half-written cache entry)."""
+  if os.path.isdir(path):
+    return path
+  tmp = f"{path}.tmp-{os.getpid()}"
+  build(tmp)
+  try:
+    os.replace(tmp, path)
+  except OSError:  # another process won the race
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+  return path
+
+
+def parse_eval_files(spec: str) -> tuple[tuple[str, str], ...]:
+  out = []
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    name, eq, path = part.partition("=")
+    if not eq or not name.strip() or not path.strip():
+      raise ValueError(f"data.eval_files: {part!r} is not name=path")
+    out.append((name.strip(), path.strip()))
+  return tuple(out)
+
+
+def model_spec(c) -> ModelSpec:
+  """`c.model` -> ModelSpec; an empty checkpoint = the built-in tiny model (built once)."""
+  ckpt = c.model.checkpoint
+  if not ckpt:
+    from deepintuit_jax.models import testing
+    # Versioned names: a cache built by an older generator is never reused by mistake.
+    ckpt = build_once(os.path.join(cache_dir(c.model.cache_dir),
+                                   f"tiny_qwen2_5_vl_v{testing.VERSION}"),
+                      lambda p: testing.write_tiny_checkpoint(p, seed=0))
+  return ModelSpec(checkpoint=ckpt, dtype=DTYPES[c.model.dtype],
+                   param_dtype=DTYPES[c.model.param_dtype], remat=c.model.remat,
+                   attention_impl=c.model.attention_impl or None)
+
+
+def data_spec(c, pick: Recipe) -> DataSpec:
+  """`c.data` -> DataSpec; an empty train_file = the generated benchmark (built once), whose
+  test splits are the default eval files."""
+  train_file, eval_spec, class_file, video_root = (
+      c.data.train_file, c.data.eval_files, c.data.class_file, c.data.video_root)
+  if not train_file:
+    from deepintuit_jax.data import synthetic
+    n_train, n_test = c.data.synthetic_train, c.data.synthetic_test
+    root = build_once(os.path.join(cache_dir(c.model.cache_dir),
+                                   f"synthetic_v{synthetic.VERSION}_s0_{n_train}_{n_test}"),
+                      lambda p: synthetic.generate(p, seed=0, num_train=n_train,
+                                                   num_test=n_test))
+    train_file = os.path.join(root, "train.json")
+    class_file = class_file or os.path.join(root, "classes.json")
+    video_root = video_root or root
+    if not eval_spec:
+      eval_spec = (f"test_close={os.path.join(root, 'test_close.json')},"
+                   f"test_open={os.path.join(root, 'test_open.json')}")
+  eval_files = () if eval_spec == "none" else parse_eval_files(eval_spec)
+  options = pipeline.PipelineOptions(
+      video_root=video_root or None, sampling=c.data.sampling,
+      max_frames=pick(c.data.max_frames, "max_frames"),
+      max_pixels=pick(c.data.max_pixels, "max_pixels"), min_pixels=c.data.min_pixels,
+      max_seq_len=c.data.max_seq_len, on_bad_sample=c.data.on_bad_sample,
+      num_workers=c.data.num_workers, seed=c.seed)
+  return DataSpec(train_file=train_file, eval_files=eval_files, class_file=class_file,
+                  options=options, prefetch_steps=c.data.prefetch_steps,
+                  special_tokens=c.data.special_tokens)
+
+
+def checkpoint_spec(c, pick: Recipe) -> CheckpointSpec:
+  return CheckpointSpec(every_steps=pick(c.checkpoint.every_steps, "every_steps"),
+                        keep=c.checkpoint.keep, export=c.checkpoint.export,
+                        async_save=c.checkpoint.async_save)
+
+
+def eval_spec(c, pick: Recipe) -> generation.EvalConfig:
+  return generation.EvalConfig(batch_size=c.eval.batch_size,
+                               max_new_tokens=pick(c.eval.max_new_tokens, "max_new_tokens"),
+                               temperature=c.eval.temperature, max_items=c.eval.max_items,
+                               seed=c.seed)
+
+
+def _is_hf_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "config.json")) and any(
+      f.endswith((".safetensors", ".safetensors.index.json")) for f in os.listdir(path))
+
+
+@dataclasses.dataclass
+class Setup:
+  """What `prepare` built: where the weights come from, the (extended) tokenizer, the
+  training records and classes, pipeline options with the labels, the model, and the
+  workdir's checkpointer."""
+  source: str
+  init_kind: str
+  tokenizer: Any
+  records: list
+  classes: list
+  ledger: errors.SkipLedger
+  options: pipeline.PipelineOptions
+  model: Any
+  checkpointer: checkpointing.Checkpointer
+
+
+def prepare(*, seed: int, init_from: str, model: ModelSpec, data: DataSpec,
+            checkpoint: CheckpointSpec, workdir: str, mesh) -> Setup:
+  """Checkpointer, the resume source, tokenizer, records, classes and the model (loaded
+  straight into its shardings on `mesh`, embeddings grown for the added tokens)."""
+  from transformers import AutoTokenizer
+
+  from deepintuit_jax.models import qwen2_5_vl
+  from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions
+
+  ck = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                  every_steps=checkpoint.every_steps, keep=checkpoint.keep,
+                                  async_save=checkpoint.async_save)
+  source, init_kind = model.checkpoint, "model.checkpoint"
+  if init_from:
+    if checkpointing.is_checkpoint_dir(init_from):
+      init_kind = "init_from (checkpoint)"
+    elif os.path.isdir(init_from) and _is_hf_dir(init_from):
+      source, init_kind = init_from, "init_from (HF)"
+    elif ck.latest_step() is None:
+      raise FileNotFoundError(f"init_from {init_from!r}: neither an HF directory "
+                              "(config.json + safetensors) nor a directory of complete Orbax "
+                              "checkpoints")
+    # else: resuming from the workdir's own checkpoint; the start point is not needed.
+  tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+  ledger = errors.SkipLedger()
+  classes = list(annotations.load_class_file(data.class_file)) if data.class_file else None
+  records = annotations.load_records(data.train_file, on_bad_sample=data.options.on_bad_sample,
+                                     ledger=ledger, labels=classes)
+  classes = classes or annotations.labels_from_records(records)
+  if data.special_tokens:  # as the release: one token per label, atomic tags
+    chat.add_special_tokens(tokenizer, classes)
+  options = dataclasses.replace(data.options, labels=tuple(classes))
+  opts = RuntimeOptions(dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat,
+                        attention_impl=model.attention_impl)
+  net = qwen2_5_vl.from_pretrained(source, mesh=mesh, opts=opts)
+  need = chat.required_vocab_size(tokenizer)
+  if need > net.config.text.vocab_size:
+    net = qwen2_5_vl.resize_token_embeddings(net, need, seed=seed)
+  return Setup(source=source, init_kind=init_kind, tokenizer=tokenizer, records=records,
+               classes=classes, ledger=ledger, options=options, model=net, checkpointer=ck)
+
+
+def init_train_state(setup: Setup, tx, frozen, *, seed: int, init_from: str, mesh,
+                     on_init: Callable[[TrainState], None] | None = None
+                     ) -> tuple[Any, TrainState, TrainState, dict | None]:
+  """The one resume order: the workdir's own latest complete checkpoint > `init_from` (an
+  Orbax checkpoint's parameters, or the HF directory already loaded) > `model.checkpoint`.
+
+  on_init(state): called with the state as initialised, before an own checkpoint replaces
+  it (e.g. to keep a frozen reference copy of the starting parameters).
+  Returns (graphdef, state, shardings, data iterator state or None when not resumed).
+  Frees `setup.model` (its arrays now live in the state)."""
+  graphdef, state = init_state(setup.model, tx, frozen, seed)
+  setup.model = None
+  shardings = state_shardings(state, mesh)
+  state = jax.device_put(state, shardings)
+  ck = setup.checkpointer
+  own = ck.latest_step()
+  if setup.init_kind == "init_from (checkpoint)" and (own is None or on_init is not None):
+    state = checkpointing.load_params(init_from, state, shardings)
+    print(f"initialised parameters from {init_from}", flush=True)
+  elif own is None:
+    print(f"initialised from {setup.init_kind}: {setup.source}", flush=True)
+  if on_init is not None:
+    on_init(state)
+  data_state = None
+  if own is not None:
+    state, data_state = ck.restore(state, shardings)
+    print(f"resumed from {ck.directory} step {int(state.step)}", flush=True)
+  return graphdef, state, shardings, data_state
+
+
+def batch_groups(mesh, rows_per_process: int, what: str) -> int:
+  """Groups per process batch: one per local data-parallel shard when they divide the rows
+  (data-parallel vision), else 1 (vision replicated; an error with several processes)."""
+  groups = sharding.local_data_groups(mesh)
+  if rows_per_process % groups:
+    if jax.process_count() > 1:
+      raise ValueError(f"{what} gives {rows_per_process} rows per process, not a multiple of "
+                       f"the {groups} data-parallel shards each process feeds")
+    print(f"warning: {rows_per_process} rows per micro-batch do not split over {groups} "
+          "data-parallel shards: vision runs replicated on every device", flush=True)
+    return 1
+  return groups
+
+
+def summary(state: TrainState, shardings: TrainState, mesh) -> str:
+  n_train, n_frozen = optim.count_params(state.params), optim.count_params(state.frozen)
+  specs: dict[str, int] = {}
+  for _, s in jax.tree_util.tree_flatten_with_path(
+      shardings.params, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]:
+    specs[str(s.spec)] = specs.get(str(s.spec), 0) + 1
+  return "\n".join([
+      f"parameters: {n_train:,} trainable, {n_frozen:,} frozen",
+      f"mesh: {dict(mesh.shape)} over {mesh.devices.size} device(s), "
+      f"{jax.process_count()} process(es)",
+      "trainable parameter shardings: " + ", ".join(f"{k} x{v}" for k, v in specs.items())])
+
+
+class Evaluator:
+  """Held-out generative eval of every split in `eval_files` (`evals.generation`): a metrics
+  row per split (`eval/<split>/...`), `predictions_<split>_step<k>.jsonl`, and
+  `eval_report.md` / `.json`. Calling it returns {split: metrics}."""
+
+  def __init__(self, *, workdir: str, graphdef, setup: Setup, eval_files, cfg,
+               writer: loop.MetricsWriter):
+    o = setup.options
+    self.splits = {name: annotations.load_records(path, on_bad_sample=o.on_bad_sample,
+                                                  labels=setup.classes)
+                   for name, path in eval_files}
+    self.workdir, self.graphdef, self.setup, self.cfg, self.writer = (
+        workdir, graphdef, setup, cfg, writer)
+
+  def __bool__(self) -> bool:
+    return bool(self.splits)
+
+  def __call__(self, state: TrainState, step: int) -> dict[str, dict]:
+    is_main = jax.process_index() == 0
+    model = trainable_model(self.graphdef, state)
+    results = {}
+    for name, recs in self.splits.items():
+      t0 = time.perf_counter()
+      m, preds = generation.evaluate_split(model, self.setup.tokenizer, recs,
+                                           options=self.setup.options, cfg=self.cfg,
+                                           classes=self.setup.classes)
+      m["eval_seconds"] = time.perf_counter() - t0
+      results[name] = m
+      self.writer.write(step, dict(split=name, **m), prefix=f"eval/{name}/")
+      if is_main:
+        with open(os.path.join(self.workdir, f"predictions_{name}_step{step}.jsonl"), "w") as f:
+          f.writelines(json.dumps(p) + "\n" for p in preds)
+        print(f"[eval step {step}] {name}: accuracy {m.get('accuracy', float('nan')):.3f} "
+              f"format_rate {m.get('format_rate', float('nan')):.3f} "
+              f"macro_f1 {m.get('macro_f1', float('nan')):.3f} (n={int(m['n'])})", flush=True)
+    if is_main and results:
+      with open(os.path.join(self.workdir, "eval_report.md"), "w") as f:
+        f.write(metrics_lib.report_markdown(results, step=step))
+      checkpointing.write_json(os.path.join(self.workdir, "eval_report.json"),
+                               {"step": step, "splits": results})
+    return results
+
+
+def export(graphdef, state: TrainState, tokenizer, source: str, out: str) -> str:
+  """The trained model as an HF directory with the (extended) tokenizer."""
+  from deepintuit_jax.models import qwen2_5_vl
+  model = trainable_model(graphdef, state)
+  if jax.process_index() == 0:
+    qwen2_5_vl.save_pretrained(model, out, source_dir=source)
+    tokenizer.save_pretrained(out)
+    print(f"exported the model to {out}", flush=True)
+  return out
+
+
+def finish(state: TrainState, *, graphdef, setup: Setup, data_state: dict, evaluate: Evaluator,
+           export_to: str | None, writer: loop.MetricsWriter, skip_metrics: dict | None = None
+           ) -> dict[str, dict]:
+  """The end of every stage: a final checkpoint (with the data iterator's consumed
+  position), skipped-sample counts, the final eval and the export."""
+  ck = setup.checkpointer
+  ck.save(state, data_state, force=True)
+  ck.wait()
+  if skip_metrics is not None:
+    writer.write(int(state.step), skip_metrics, prefix="data/")
+  if setup.ledger.total and jax.process_index() == 0:
+    print(setup.ledger.summary(), flush=True)
+  results = evaluate(state, int(state.step)) if evaluate else {}
+  if export_to:
+    export(graphdef, state, setup.tokenizer, setup.source, export_to)
+  return results
