@@ -16,7 +16,7 @@ to bin 0). ECE = sum_b |B_b| / n * |acc(B_b) - conf(B_b)| over the non-empty bin
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -66,8 +66,16 @@ def reliability(confidences: Sequence[float], correct: Sequence[bool],
           "accuracy": as_list(acc), "confidence": as_list(mean_conf), "ece": ece}
 
 
-def _check_scores(scores, n: int, num_classes: int) -> np.ndarray:
-  s = np.asarray(scores, np.float64)
+def _check_scores(scores, n: int, classes: Sequence[str]) -> np.ndarray:
+  num_classes = len(classes)
+  rows = list(scores) if not isinstance(scores, np.ndarray) else scores
+  if len(rows) and all(isinstance(r, Mapping) for r in rows):  # {label: p} per item
+    for i, r in enumerate(rows):
+      if sorted(r) != sorted(classes):
+        raise ValueError(f"scores of item #{i} name {sorted(r)}; expected the classes "
+                         f"{list(classes)}")
+    rows = [[r[c] for c in classes] for r in rows]
+  s = np.asarray(rows, np.float64)
   if s.shape != (n, num_classes):
     raise ValueError(f"scores have shape {s.shape}; expected (items, classes) = "
                      f"({n}, {num_classes})")
@@ -139,8 +147,9 @@ def classification_metrics(predictions: Sequence[str | None], labels: Sequence[s
     classes: the label set in order (default: the sorted labels seen); macro-F1 averages
       over it; the confusion matrix and `scores` follow its order.
     well_formatted: [n] format flags (e.g. prompts.is_well_formatted); gives format_rate.
-    scores: [n, C] probability vectors (rows sum to 1 within SCORE_SUM_TOL); each row's
-      argmax must be the prediction (ties: the prediction must hold a largest score).
+    scores: [n, C] probability vectors in class order, or one {label: p} per item (rows sum
+      to 1 within SCORE_SUM_TOL); each row's argmax must be the prediction (ties: the
+      prediction must hold a largest score).
     num_bins: calibration bins.
   Returns: scalars {"n", "accuracy", "macro_f1", "answer_rate" (any answer parsed),
     "valid_rate" (the answer is a class), "format_rate"?, "chance" (1 / C), "majority_rate"
@@ -160,7 +169,7 @@ def classification_metrics(predictions: Sequence[str | None], labels: Sequence[s
     out["chance"] = 1.0 / len(names)
   if well_formatted is not None and len(well_formatted) != n:
     raise ValueError(f"{len(well_formatted)} format flags for {n} items")
-  s = None if scores is None else _check_scores(scores, n, len(names))
+  s = None if scores is None else _check_scores(scores, n, names)
   if n == 0:
     return out
   out["accuracy"] = float(np.trace(cm)) / n

@@ -137,3 +137,12 @@ def test_scores_are_checked():
   # A tie: either tied label is a valid prediction.
   m = metrics.classification_metrics(["b"], ["b"], classes=classes, scores=[[0.4, 0.4, 0.2]])
   assert m["accuracy"] == 1.0 and m["ece"] == pytest.approx(0.6)
+
+
+def test_scores_as_label_mappings():
+  as_dicts = [dict(zip(["a", "b", "c"], row)) for row in SCORED]
+  m = metrics.classification_metrics(SCORED_PREDS, SCORED_LABELS, classes=["a", "b", "c"],
+                                     scores=as_dicts)
+  assert m["ece"] == pytest.approx(0.275)
+  with pytest.raises(ValueError, match="scores of item #0 name"):
+    metrics.classification_metrics(["a"], ["a"], classes=["a", "b"], scores=[{"a": 1.0}])
