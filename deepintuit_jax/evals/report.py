@@ -88,11 +88,12 @@ def _split_section(model: str, split: str, m: Mapping[str, Any],
   for c in classes:
     lines.append(f"| {c} | {_fmt(m, f'support/{c}', '%d')} | {_fmt(m, f'precision/{c}')} | "
                  f"{_fmt(m, f'recall/{c}')} | {_fmt(m, f'f1/{c}')} |")
-  lines += ["", "Confusion matrix (rows: true class, columns: predicted):", "",
-            "| true \\ predicted | " + " | ".join(classes + [metrics_lib.UNPARSED]) + " |",
-            "|---" * (len(classes) + 2) + "|"]
-  for c, row in zip(classes, m["confusion"]):
-    lines.append(f"| {c} | " + " | ".join(str(int(v)) for v in row) + " |")
+  if m.get("confusion") is not None:  # (metrics from before the confusion matrix lack it)
+    lines += ["", "Confusion matrix (rows: true class, columns: predicted):", "",
+              "| true \\ predicted | " + " | ".join(classes + [metrics_lib.UNPARSED]) + " |",
+              "|---" * (len(classes) + 2) + "|"]
+    for c, row in zip(classes, m["confusion"]):
+      lines.append(f"| {c} | " + " | ".join(str(int(v)) for v in row) + " |")
   lines.append("")
   for kind, path in plots.items():
     lines += [f"![{kind} {model} {split}]({path})", ""]

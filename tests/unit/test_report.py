@@ -79,6 +79,13 @@ def test_read_legacy_report(tmp_path):
     report.read_report(str(p))
 
 
+def test_metrics_without_confusion(tmp_path):
+  # A metrics dict of the older shape (no classes / confusion): table only, no plots.
+  out = report.write_report(str(tmp_path), {"m": {"s": {"n": 2, "accuracy": 0.5}}})
+  md = open(out["markdown"]).read()
+  assert "| m | s | 2 | 0.500 | - |" in md and out["plots"] == {} and out["warnings"] == []
+
+
 def test_tensorboard_images(tmp_path):
   class Recorder:
     def __init__(self):
