@@ -143,7 +143,8 @@ def classification_metrics(predictions: Sequence[str | None], labels: Sequence[s
 
   Args:
     predictions: [n] label strings or None.
-    labels: [n] true labels, each one of `classes`.
+    labels: [n] true labels, each one of `classes`; items labelled "" or None are left out
+      of every metric and counted in "unlabelled".
     classes: the label set in order (default: the sorted labels seen); macro-F1 averages
       over it; the confusion matrix and `scores` follow its order.
     well_formatted: [n] format flags (e.g. prompts.is_well_formatted); gives format_rate.
@@ -161,10 +162,23 @@ def classification_metrics(predictions: Sequence[str | None], labels: Sequence[s
   """
   if len(predictions) != len(labels):
     raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+  # Items without a label (an eval file may carry some) cannot be scored: they are left out
+  # of every metric and counted, never scored as wrong or treated as an error.
+  keep = [i for i, y in enumerate(labels) if y not in (None, "")]
+  unlabelled = len(labels) - len(keep)
+  if unlabelled:
+    pick = lambda xs: None if xs is None else [xs[i] for i in keep]
+    predictions, labels = pick(predictions), pick(labels)
+    well_formatted = pick(well_formatted) if well_formatted is not None and len(
+        well_formatted) == len(keep) + unlabelled else well_formatted
+    if scores is not None and len(scores) == len(keep) + unlabelled:
+      scores = [scores[i] for i in keep]
   names = list(classes) if classes is not None else sorted(set(labels))
   n = len(labels)
   cm = confusion_matrix(predictions, labels, names)
   out: dict[str, Any] = {"n": float(n), "classes": names, "confusion": cm.tolist()}
+  if unlabelled:
+    out["unlabelled"] = float(unlabelled)
   if names:
     out["chance"] = 1.0 / len(names)
   if well_formatted is not None and len(well_formatted) != n:

@@ -146,3 +146,13 @@ def test_scores_as_label_mappings():
   assert m["ece"] == pytest.approx(0.275)
   with pytest.raises(ValueError, match="scores of item #0 name"):
     metrics.classification_metrics(["a"], ["a"], classes=["a", "b"], scores=[{"a": 1.0}])
+
+
+def test_unlabelled_items_are_counted_not_scored():
+  # Two labelled items (one right, one wrong) and one without a label: accuracy is 1/2 over
+  # the labelled ones, and the unlabelled item is reported, not raised on or scored wrong.
+  m = metrics.classification_metrics(["a", "b", "a"], ["a", "", "b"], classes=["a", "b"],
+                                     well_formatted=[True, False, True])
+  assert m["n"] == 2 and m["unlabelled"] == 1
+  assert m["accuracy"] == 0.5
+  assert m["format_rate"] == 1.0
