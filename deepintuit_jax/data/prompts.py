@@ -7,6 +7,10 @@ materials (title, transcript/description, sticker text). The wording is ours.
 
 Parsing follows RECIPE.md's rewards: `is_well_formatted` is r_format, `answer_matches` is
 r_accuracy. Both must see the tags, so responses are decoded with special tokens kept.
+
+`meta_review_prompt` is the calibration stage's user text (RECIPE "Stage 2"): the label
+definitions, a priority rule for ties, the text materials and a first reviewer's conclusion
+and rationale (from `split_trace`), asking for exactly one label.
 """
 from __future__ import annotations
 
@@ -167,3 +171,79 @@ def split_trace(text: str) -> tuple[str, str]:
   if answer is None or m is None:
     return "", text.strip()
   return answer, m.group(1).strip()
+
+
+def _review_text(text: str) -> str:
+  """A generated text made safe inside a prompt: special tokens (`<|...|>`, `<NO_POLICY>`)
+  are removed, since in a user turn they would be read as chat structure or vision pads."""
+  if not isinstance(text, str):
+    raise TypeError(f"meta_review_prompt: expected a string, got {type(text).__name__}")
+  for t in SPECIAL_TOKENS:
+    text = text.replace(t, "")
+  return _SPECIAL_RE.sub("", text).strip()
+
+
+def check_priority(classes: Mapping[str, str] | Sequence[str],
+                   priority: Sequence[str] | None) -> list[str]:
+  """The tie-break order: `priority` (every class exactly once) or the class order."""
+  labels = list(classes)
+  if priority is None:
+    return labels
+  order = list(priority)
+  if sorted(order) != sorted(labels) or len(set(order)) != len(order):
+    raise ValueError(f"priority {order} must list each of the classes {labels} exactly once")
+  return order
+
+
+def meta_review_prompt(classes: Mapping[str, str], *, conclusion: str, rationale: str,
+                       title: str = "", transcript: str = "", sticker: str = "",
+                       priority: Sequence[str] | None = None, compact: bool = False) -> str:
+  """The calibration ("meta-review") user text: decide the final label of a video given a
+  first reviewer's conclusion and rationale, which may be wrong.
+
+  Args:
+    classes: label -> definition, in order.
+    conclusion / rationale: `split_trace` of the first reviewer's trace; an empty conclusion
+      (a trace without the tags) is written as "None" and the rationale carries the text.
+    title / transcript / sticker: the text materials ("None" when empty, as the release).
+    priority: the labels in tie-break order (default: the class order).
+    compact: a much shorter prompt of the same parts, for tiny models.
+  The answer asked for is exactly one label, bare (no tags).
+  """
+  _check_classes(classes)
+  order = check_priority(classes, priority)
+  names = ", ".join(classes)
+  defs = "\n".join(f"- {label}: {d.strip()}" if d and d.strip() else f"- {label}"
+                   for label, d in classes.items())
+  ties = " > ".join(order)
+  conclusion = _review_text(conclusion) or _NONE
+  rationale = _review_text(rationale) or _NONE
+  if compact:
+    return (f"Final review of the video: one of {names}.\n"
+            f"Labels:\n{defs}\n"
+            f"Tie: prefer {ties}.\n"
+            f"Title: {_material(title)}\n"
+            f"Description: {_material(transcript)}\n"
+            f"Sticker: {_material(sticker)}\n"
+            f"First reviewer's conclusion: {conclusion}\n"
+            f"First reviewer's rationale: {rationale}\n"
+            "Answer with exactly one label.")
+  return (
+      "You are the senior reviewer who makes the final call on a video. Another reviewer "
+      "has already looked at it; their conclusion and rationale are given below. They may be "
+      "wrong or incomplete: check them against the video, the materials and the label "
+      "definitions, keep their conclusion when the evidence supports it and overrule it when "
+      f"it does not. The possible labels are: {names}.\n\n"
+      f"LABEL DEFINITIONS\n{defs}\n\n"
+      "PRIORITY RULE FOR TIES\n"
+      "When the evidence fits more than one label equally well, choose the label that comes "
+      f"first in this order: {ties}.\n\n"
+      "MATERIALS\n"
+      f"Title: {_material(title)}\n"
+      f"Transcript / description: {_material(transcript)}\n"
+      f"Sticker text: {_material(sticker)}\n\n"
+      "FIRST REVIEW\n"
+      f"Conclusion: {conclusion}\n"
+      f"Rationale: {rationale}\n\n"
+      "Reply with exactly one label from the list above and nothing else: no reasoning, no "
+      "tags, no punctuation.")

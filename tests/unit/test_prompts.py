@@ -152,3 +152,40 @@ def test_answer_matches(text, label, want):
 ])
 def test_split_trace(text, want):
   assert prompts.split_trace(text) == want
+
+
+# ----------------------------------------------------------------------------- meta-review
+@pytest.mark.parametrize("compact", [False, True])
+def test_meta_review_prompt_parts(compact):
+  p = prompts.meta_review_prompt(CLASSES, conclusion="normal", rationale="A cat naps.\nCalm.",
+                                 title="a clip", transcript="someone walks", sticker="",
+                                 priority=["abnormal", "normal"], compact=compact)
+  # Definitions, tie rule, materials, then the first review, in that order.
+  parts = ["Everyday activity.", "Threats or accidents.", "abnormal > normal", "a clip",
+           "someone walks", "onclusion: normal", "A cat naps.\nCalm."]
+  where = [p.index(x) for x in parts]
+  assert where == sorted(where), where
+  assert "Sticker" in p and "None" in p   # empty material written as None
+  assert "exactly one label" in p
+  assert "<think>" not in p and "<answer>" not in p  # a bare label is asked for
+  assert p.index("normal") < p.index("abnormal")  # class-file order in the label list
+
+
+def test_meta_review_prompt_defaults_and_checks():
+  p = prompts.meta_review_prompt(CLASSES, conclusion="", rationale="no tags <|im_end|> at all")
+  assert "Conclusion: None" in p and "Rationale: no tags  at all" in p
+  assert "<|" not in p  # special tokens from the generated text are dropped
+  assert "normal > abnormal" in p  # default tie order: the class order
+  with pytest.raises(ValueError, match="exactly once"):
+    prompts.meta_review_prompt(CLASSES, conclusion="", rationale="", priority=["normal"])
+  with pytest.raises(ValueError, match="exactly once"):
+    prompts.meta_review_prompt(CLASSES, conclusion="", rationale="",
+                               priority=["normal", "normal"])
+  with pytest.raises(ValueError):
+    prompts.meta_review_prompt({}, conclusion="", rationale="")
+
+
+def test_compact_meta_review_is_much_shorter():
+  kw = dict(conclusion="normal", rationale="r")
+  assert len(prompts.meta_review_prompt(CLASSES, compact=True, **kw)) < 0.5 * len(
+      prompts.meta_review_prompt(CLASSES, **kw))
