@@ -45,7 +45,7 @@ class DataSpec:
   class_file: str
   options: pipeline.PipelineOptions
   prefetch_steps: int = 2  # steps of batches prepared ahead in a thread (0 = none)
-  special_tokens: bool = True  # class labels and <think>/<answer> tags as added tokens
+  special_tokens: str = "added"  # labels and tags as added tokens: added | special | none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,8 +243,7 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
   records = annotations.load_records(cfg.data.train_file, on_bad_sample=cfg.data.options.on_bad_sample,
                                      ledger=ledger, labels=classes)
   classes = classes or annotations.labels_from_records(records)
-  if cfg.data.special_tokens:  # as the release: one token per label, atomic tags
-    chat.add_special_tokens(tokenizer, classes)
+  chat.add_tokens_for_mode(tokenizer, classes, cfg.data.special_tokens)  # one token per label
   options = dataclasses.replace(cfg.data.options, labels=tuple(classes))
 
   opts = RuntimeOptions(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
@@ -308,7 +307,7 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
         micro.append(step_fn.place(sft.device_batch(b)))  # host->device in this thread
       yield tuple(micro), tokens * procs, loader.get_state()
 
-  writer = loop.MetricsWriter(workdir)
+  writer = loop.MetricsWriter(workdir, resume_step=own_step or 0, final_step=total)
   eval_splits = {name: annotations.load_records(path, on_bad_sample=options.on_bad_sample,
                                                 labels=classes)
                  for name, path in cfg.data.eval_files}
@@ -359,7 +358,8 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
       print(loader.skip_summary(), flush=True)
     results = evaluate(state, int(state.step)) if eval_splits else {}
     if cfg.checkpoint.export:
-      export(graphdef, state, tokenizer, source, os.path.join(workdir, "hf"))
+      export(graphdef, state, tokenizer, source, os.path.join(workdir, "hf"),
+             processor=_processor_settings(options))
   finally:
     ck.close()
     loader.close()
@@ -367,12 +367,21 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
   return results
 
 
-def export(graphdef, state: sft.TrainState, tokenizer, source: str, out: str) -> str:
-  """The trained model as an HF directory with the (extended) tokenizer."""
+def _processor_settings(o: pipeline.PipelineOptions):
+  from deepintuit_jax.models.qwen2_5_vl import hf_save
+  return hf_save.ProcessorSettings(min_pixels=o.min_pixels, max_pixels=o.max_pixels,
+                                   max_frames=o.max_frames, min_frames=o.min_frames, fps=o.fps,
+                                   sample_frames=o.sampling == "fps")
+
+
+def export(graphdef, state: sft.TrainState, tokenizer, source: str, out: str, *,
+           processor=None) -> str:
+  """The trained model as an HF directory with the (extended) tokenizer; `processor`
+  (hf_save.ProcessorSettings) writes the training's pixel / frame settings."""
   from deepintuit_jax.models import qwen2_5_vl
   model = sft.trainable_model(graphdef, state)
   if jax.process_index() == 0:
-    qwen2_5_vl.save_pretrained(model, out, source_dir=source)
+    qwen2_5_vl.save_pretrained(model, out, source_dir=source, processor=processor)
     tokenizer.save_pretrained(out)
     print(f"exported the model to {out}", flush=True)
   return out
