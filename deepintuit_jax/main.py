@@ -115,7 +115,11 @@ def quiet_transformers() -> None:
 def flag_error_message(e: BaseException, argv: list[str]) -> str:
   """One line for a bad command line: a misspelt `--config.x` gets ml_collections'
   suggestion first."""
-  text = re.sub(r"\s+", " ", str(e).replace("\\n", " ")).strip()
+  raw = str(e)
+  if "Traceback (most recent call last)" in raw:  # a config file's own error, as text
+    lines = [x.strip() for x in raw.splitlines() if x.strip()]
+    return f"{raw.splitlines()[0].split(': Error whilst')[0]}: {lines[-1]}"
+  text = re.sub(r"\s+", " ", raw.replace("\\n", " ")).strip()
   m = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"\?', text)
   if m:
     right, wrong = m.groups()
@@ -188,6 +192,12 @@ def _main() -> None:
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/sft.py")
+  try:
+    "stage" in config  # ml_collections defers a config file's load error to the first access
+  except OSError as e:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    raise errors.ConfigError(f"--config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}"
+                             f": cannot load the config file ({lines[-1]})") from None
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
   # Everything below up to the Guard only reads: a refused or invalid run touches no file.

@@ -43,6 +43,12 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def _choices() -> dict[str, tuple[str, ...]]:
+  from deepintuit_jax.data import chat, errors as data_errors, video_decode
+  return {"data.special_tokens": chat.TOKEN_MODES, "data.on_bad_sample": data_errors.ON_BAD_SAMPLE,
+          "data.sampling": video_decode.SAMPLING, "recipe": ("auto", "release", "tiny")}
+
+
 def _get(config, dotted: str):
   """The value at `dotted` or None when the config has no such key."""
   node = config
@@ -68,6 +74,10 @@ def check_config(config) -> None:
       continue
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
       raise ConfigError(f"{key}={value!r}: must be {valid}")
+  for key, allowed in _choices().items():
+    value = _get(config, key)
+    if value is not None and value not in allowed:
+      raise ConfigError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
   checkpoint = _get(config, "model.checkpoint")
   if checkpoint:
     from deepintuit_jax.models.qwen2_5_vl.hf_load import check_model_dir

@@ -82,6 +82,10 @@ def test_preflight_rejects_bad_values_and_missing_files(tmp_path):
   with pytest.raises(errors.InputNotFound, match=r"data.eval_files\[test\].*not a file"):
     preflight.check_config(c)
   c = _config()
+  c.data.special_tokens = "yes"
+  with pytest.raises(errors.ConfigError, match="data.special_tokens='yes': must be one of added"):
+    preflight.check_config(c)
+  c = _config()
   c.model.checkpoint = "Qwen/Qwen2.5-VL-7B-Instruct"
   with pytest.raises(errors.InputNotFound, match="model.checkpoint=.*no such directory"):
     preflight.check_config(c)
