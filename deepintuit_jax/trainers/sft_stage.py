@@ -359,19 +359,12 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
     results = evaluate(state, int(state.step)) if eval_splits else {}
     if cfg.checkpoint.export:
       export(graphdef, state, tokenizer, source, os.path.join(workdir, "hf"),
-             processor=_processor_settings(options))
+             processor=qwen2_5_vl.hf_save.ProcessorSettings.from_pipeline(options))
   finally:
     ck.close()
     loader.close()
     writer.close()
   return results
-
-
-def _processor_settings(o: pipeline.PipelineOptions):
-  from deepintuit_jax.models.qwen2_5_vl import hf_save
-  return hf_save.ProcessorSettings(min_pixels=o.min_pixels, max_pixels=o.max_pixels,
-                                   max_frames=o.max_frames, min_frames=o.min_frames, fps=o.fps,
-                                   sample_frames=o.sampling == "fps")
 
 
 def export(graphdef, state: sft.TrainState, tokenizer, source: str, out: str, *,

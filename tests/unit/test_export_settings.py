@@ -69,8 +69,11 @@ def test_processor_files_carry_the_training_settings(tmp_path):
   for name in hf_save.PROCESSOR_FILES:
     with open(os.path.join(src, name)) as f, open(os.path.join(out, name), "w") as g:
       g.write(f.read())
-  settings = hf_save.ProcessorSettings(min_pixels=3136, max_pixels=50176, max_frames=8,
-                                       min_frames=4, fps=2.0, sample_frames=False)
+  from deepintuit_jax.data import pipeline
+  settings = hf_save.ProcessorSettings.from_pipeline(pipeline.PipelineOptions(
+      max_pixels=50176, min_pixels=3136, max_frames=8))
+  assert settings == hf_save.ProcessorSettings(min_pixels=3136, max_pixels=50176, max_frames=8,
+                                               min_frames=4, fps=2.0, sample_frames=False)
   hf_save.write_processor_settings(out, settings)
   image = json.load(open(os.path.join(out, "preprocessor_config.json")))
   video = json.load(open(os.path.join(out, "video_preprocessor_config.json")))

@@ -51,6 +51,14 @@ class ProcessorSettings:
   fps: float = 2.0
   sample_frames: bool = False
 
+  @classmethod
+  def from_pipeline(cls, options) -> "ProcessorSettings":
+    """From the data pipeline's options (`data.pipeline.PipelineOptions`: min_pixels,
+    max_pixels, max_frames, min_frames, fps, sampling)."""
+    return cls(min_pixels=options.min_pixels, max_pixels=options.max_pixels,
+               max_frames=options.max_frames, min_frames=options.min_frames, fps=options.fps,
+               sample_frames=options.sampling == "fps")
+
   def update(self, name: str, cfg: dict) -> dict:
     """`cfg` (the content of processor file `name`) with these settings written in."""
     out = dict(cfg)
