@@ -249,7 +249,7 @@ def make_train_loader(records: Sequence[Any], *, tokenizer, model_config,
     ledger: a SkipLedger already holding record-loading skips (reported with the rest).
     process_index / process_count: default jax.process_index() / jax.process_count().
     groups: G > 1 = grouped batches (`batching.collate(groups=G)`): G = the data-parallel
-      shards this process feeds (`trainers.sft.local_data_groups(mesh)`); 1 = un-grouped.
+      shards this process feeds (`sharding.local_data_groups(mesh)`); 1 = un-grouped.
     shape_sync: maps this process's (length bucket, patch bucket) to the ones every process
       uses; default `process_max` (a no-op on one process); None = no sync.
   """
