@@ -146,12 +146,13 @@ def test_guard_removes_only_what_a_failed_start_created(tmp_path):
 
 class _Ckpt:
   """Records saves like Checkpointer: (step, data_state)."""
+  every_steps = 100
 
   def __init__(self):
     self.saved = []
 
   def save(self, state, data_state, *, force=False):
-    if (force or int(state.step) % 100 == 0) and int(state.step) not in [s for s, _ in self.saved]:
+    if (force or int(state.step) % self.every_steps == 0) and int(state.step) not in [s for s, _ in self.saved]:
       self.saved.append((int(state.step), data_state))
 
   def wait(self):
