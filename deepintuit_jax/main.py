@@ -60,7 +60,13 @@ def _sft() -> Stage:
   return Stage(sft_stage.from_config, sft_stage.run)
 
 
+def _grpo() -> Stage:
+  from deepintuit_jax.trainers import grpo_stage
+  return Stage(grpo_stage.from_config, grpo_stage.run)
+
+
 register_stage("sft", _sft)
+register_stage("grpo", _grpo)
 
 
 def get_stage(name: str) -> Stage:

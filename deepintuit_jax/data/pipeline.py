@@ -234,8 +234,8 @@ def make_train_loader(records: Sequence[Any], *, tokenizer, model_config,
                       options: PipelineOptions, batch_size: int, num_epochs: int | None = None,
                       ledger: SkipLedger | None = None, process_index: int | None = None,
                       process_count: int | None = None, groups: int = 1,
-                      shape_sync: Callable[[tuple[int, int]], tuple[int, int]] | None = process_max
-                      ) -> Loader:
+                      shape_sync: Callable[[tuple[int, int]], tuple[int, int]] | None = process_max,
+                      for_generation: bool = False) -> Loader:
   """Training batches for this process.
 
   Args:
@@ -252,11 +252,13 @@ def make_train_loader(records: Sequence[Any], *, tokenizer, model_config,
       shards this process feeds (`sharding.local_data_groups(mesh)`); 1 = un-grouped.
     shape_sync: maps this process's (length bucket, patch bucket) to the ones every process
       uses; default `process_max` (a no-op on one process); None = no sync.
+    for_generation: prompts only (ending with `<|im_start|>assistant\\n`, right-padded,
+      labels kept; records need no response): GRPO's rollout prompts.
   """
   pi, pc = _process(process_index, process_count)
   per = len(records) // pc  # the same count on every process (drop < pc records)
   indices = list(range(pi, len(records), pc))[:per]
-  return Loader(_builder(records, tokenizer, model_config, options, False), indices,
+  return Loader(_builder(records, tokenizer, model_config, options, for_generation), indices,
                 model_config=model_config, options=options, batch_size=batch_size,
                 num_epochs=num_epochs, pad_id=chat.pad_id(tokenizer), ledger=ledger,
                 process_index=pi, groups=groups, shape_sync=shape_sync)
