@@ -83,10 +83,12 @@ def check_config(config) -> None:
     from deepintuit_jax.models.qwen2_5_vl.hf_load import check_model_dir
     check_model_dir(checkpoint, key="model.checkpoint")
   init_from = _get(config, "init_from")
-  if init_from:
+  if init_from and init_from != "none":  # "none": start from model.checkpoint
     if not os.path.exists(init_from):
-      raise InputNotFound(f"init_from={init_from!r}: no such directory (an HF model "
-                          "directory or another stage's workdir / checkpoints)")
+      raise InputNotFound(
+          f"init_from={init_from!r}: no such directory (an HF model directory or another "
+          "stage's workdir / checkpoints); if it is an earlier stage's workdir, run that stage "
+          "first (e.g. `python -m deepintuit_jax.main --config=configs/sft.py` writes runs/sft)")
     if os.path.isfile(os.path.join(init_from, "config.json")):
       from deepintuit_jax.models.qwen2_5_vl.hf_load import check_model_dir
       check_model_dir(init_from, key="init_from")
