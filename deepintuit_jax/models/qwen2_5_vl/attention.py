@@ -174,11 +174,19 @@ def _skip(static, qpi, kpj):
   return jnp.asarray(static[0]) & (jnp.min(kpj) > jnp.max(qpi))
 
 
+def _tie(qi, qsi, qpi):
+  """Makes the tile masks depend on the queries. Otherwise, inside a scan over layers under
+  autodiff, JAX finds the masks loop-invariant (they depend on segment ids only) and hoists
+  them out of the loop, stacked for every tile: an [nq, nk, bq, bk] array, the [T, T]
+  this kernel exists to avoid."""
+  return jax.lax.optimization_barrier((qi, qsi, qpi))
+
+
 def _forward(static, qb, kb, vb, qs, ks, qp, kp):
   """-> out [nq, B, bq, K, G, hd] (q dtype), lse [nq, B, K, G, bq] fp32 (+inf on empty rows)."""
 
   def q_block(xs):
-    qi, qsi, qpi = xs
+    qi, qsi, qpi = _tie(*xs)
     shape = qi.shape[:1] + qi.shape[2:4] + qi.shape[1:2]  # [B, K, G, bq]
     init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros(shape + qi.shape[-1:], jnp.float32))
@@ -229,6 +237,7 @@ def _flash_bwd(static, res, dout):
 
     def q_block(carry, xs):
       qi, doi, qsi, qpi, lsei, di = xs
+      qi, qsi, qpi = _tie(qi, qsi, qpi)
 
       def compute(carry):
         dk, dv = carry

@@ -47,8 +47,8 @@ class RuntimeOptions:
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat {self.remat!r} not one of {REMAT_POLICIES}")
     check_impl(self.attention_impl)
-    if self.attention_block < 8:
-      raise ValueError(f"attention_block {self.attention_block} must be >= 8")
+    if self.attention_block < 1:
+      raise ValueError(f"attention_block {self.attention_block} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)

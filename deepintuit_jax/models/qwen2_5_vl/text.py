@@ -24,9 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepintuit_jax import sharding as sharding_lib
 from deepintuit_jax.models.qwen2_5_vl import attention as attn_lib
 from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions, TextConfig
-from deepintuit_jax.models.qwen2_5_vl.layers import Embed, Linear, RMSNorm, remat_policy
+from deepintuit_jax.models.qwen2_5_vl.layers import (Embed, Linear, RMSNorm, maybe_remat,
+                                                    remat_policy)
 
 # Logical axes of each cache array (for sharding a cache with `sharding.logical_to_spec`).
 CACHE_KV_AXES = ("batch", "length", "kv_heads", "head_dim")
@@ -235,6 +237,20 @@ class DecoderLayer(nnx.Module):
     return x, kv
 
 
+_GATHER_RULES = tuple((name, None if axes == "fsdp" else tuple(a for a in axes if a != "fsdp")
+                        if isinstance(axes, tuple) else axes)
+                       for name, axes in sharding_lib.DEFAULT_RULES)
+
+
+def _gather_fsdp(state, mesh):
+  """Each parameter of one layer constrained to its sharding minus the `fsdp` axis."""
+  def one(v):
+    spec = sharding_lib.logical_to_spec(sharding_lib.variable_axes(v), _GATHER_RULES, mesh,
+                                        v.shape)
+    return v.replace(jax.lax.with_sharding_constraint(v.get_value(), spec))
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 class TextModel(nnx.Module):
   """The Qwen2 decoder stack (HF `model.*` / `model.language_model.*`), without the LM head."""
 
@@ -298,7 +314,11 @@ class TextModel(nnx.Module):
       att = AttentionInputs(q_segments=segments, kv_segments=segments, q_positions=None,
                             valid=attention_mask, impl=self._impl(segment_ids is not None),
                             block=self.opts.attention_block)
-      x, hidden = self._scan_layers(x, cos, sin, att, output_hidden_states)
+      mesh = jax.sharding.get_abstract_mesh()
+      if not mesh.empty or jax.device_count() == 1:
+        x, hidden = self._scan_layers(x, cos, sin, att, output_hidden_states, mesh)
+      else:
+        x, hidden = self._unrolled_layers(x, cos, sin, att, output_hidden_states)
       index = None
     else:
       if segment_ids is not None:
@@ -339,14 +359,29 @@ class TextModel(nnx.Module):
     return attn_lib.resolve_impl(self.opts.attention_impl, dtype=self.opts.dtype,
                                  head_dim=self.config.head_dim, causal_text=True, packed=packed)
 
-  def _scan_layers(self, x, cos, sin, att: AttentionInputs, output_hidden_states: bool):
+  def _unrolled_layers(self, x, cos, sin, att: AttentionInputs, output_hidden_states: bool):
+    """One call per layer, each under `maybe_remat` (remat effective on GPU / TPU only)."""
+    call = maybe_remat(lambda layer, *a: layer(*a)[0], self.opts.remat)
+    hidden = [] if output_hidden_states else None
+    for layer in self.layers:
+      if hidden is not None:
+        hidden.append(x)
+      x = call(layer, x, cos, sin, att)
+    return x, hidden
+
+  def _scan_layers(self, x, cos, sin, att: AttentionInputs, output_hidden_states: bool,
+                   mesh):
     """All layers as one `lax.scan` over their parameters stacked per call.
 
     The scan is what makes remat real on every backend: its backward loop recomputes one
     layer at a time from the saved layer inputs (unrolled, XLA:CPU merges recomputation and
     forward again). The stack holds the parameters in the compute dtype: every decoder
     parameter is cast to `opts.dtype` at use (Linear, RMSNorm), so this is exact and halves
-    the copy (and the FSDP all-gathers) for bf16. Returns (x, per-layer inputs or None).
+    the copy (and the FSDP all-gathers) for bf16. Inside the loop each layer's parameters
+    are constrained to their sharding without the `fsdp` axis (the FSDP all-gather, one
+    layer at a time): without that hint XLA keeps the weights sharded and replicates the
+    activations instead. Needs the mesh in context (`jax.set_mesh`) on several devices
+    (TextModel falls back to `_unrolled_layers` otherwise). Returns (x, layer inputs | None).
     """
     graphdef, _ = nnx.split(self.layers[0])
     dt = self.opts.dtype
@@ -355,6 +390,8 @@ class TextModel(nnx.Module):
                            *[nnx.state(layer) for layer in self.layers])
 
     def body(x, state):
+      if not mesh.empty:
+        state = _gather_fsdp(state, mesh)
       y, _ = nnx.merge(graphdef, state)(x, cos, sin, att)
       return y, (x if output_hidden_states else None)
 
