@@ -11,7 +11,11 @@ weights, bf16 compute, fp32 master weights; needs an accelerator's memory).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
