@@ -21,7 +21,7 @@ from typing import Any, Callable, NamedTuple
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deepintuit_jax import errors, interrupts, preflight, workdir as workdir_lib
+from deepintuit_jax import distributed, errors, interrupts, preflight, workdir as workdir_lib
 from deepintuit_jax.data.errors import BadSample
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file [:arg]",
@@ -75,15 +75,10 @@ def default_workdir(config_arg: str) -> str:
 
 
 def maybe_initialize_distributed() -> None:
-  """Multi-process JAX when launched on several hosts (SLURM, Open MPI, TPU pod, or an
-  explicit coordinator); a single process (e.g. one CPU) is left alone."""
-  import jax
-  env = os.environ
-  multi = (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-           or "JAX_COORDINATOR_ADDRESS" in env or int(env.get("JAX_NUM_PROCESSES", "1")) > 1
-           or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
-  if multi:
-    jax.distributed.initialize()
+  """Multi-process JAX when launched as one of several processes (explicit
+  JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, SLURM, Open MPI, TPU pod);
+  a single process is left alone (`deepintuit_jax.distributed`)."""
+  distributed.maybe_initialize()
 
 
 # transformers' notices that say nothing to a user of this framework (it never uses
