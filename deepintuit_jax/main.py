@@ -21,12 +21,13 @@ from typing import Any, Callable, NamedTuple
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deepintuit_jax import distributed, errors, interrupts, preflight, workdir as workdir_lib
+from deepintuit_jax import distributed, errors, interrupts, paths, preflight, workdir as workdir_lib
 from deepintuit_jax.data.errors import BadSample
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file [:arg]",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default runs/<config stem>)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory, local or a gs:// URL "
+                               "(default runs/<config stem>)")
 _ALLOW_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "continue the workdir's run under a config that differs "
     "from its recorded one in keys that change the numbers (logged in config_history.jsonl)")
@@ -165,7 +166,7 @@ def _workdir_or_none() -> str | None:
   if config is None:
     return None
   config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-  return os.path.abspath(_WORKDIR.value or default_workdir(config_file))
+  return os.fspath(paths.as_path(_WORKDIR.value or default_workdir(config_file)))  # or gs://
 
 
 def _from_config(stage: Stage, config) -> Any:

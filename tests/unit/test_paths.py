@@ -59,3 +59,23 @@ def test_staged_remote_writes_locally_then_copies(tmp_path, monkeypatch):
   paths.append_line(tmp_path / "bucket" / "m.jsonl", "1")  # the rewrite-the-object path
   paths.append_line(tmp_path / "bucket" / "m.jsonl", "2")
   assert (tmp_path / "bucket" / "m.jsonl").read_text() == "1\n2\n"
+
+
+def test_metrics_writer_on_a_bucket_path(tmp_path, monkeypatch):
+  """MetricsWriter's bucket path (rows by object rewrite, TensorBoard staged locally and
+  copied at close), with a local directory standing in for the bucket; a restart drops the
+  rows past the restored step through the same helpers."""
+  import json
+
+  from deepintuit_jax.trainers import loop
+  bucket = str(tmp_path / "bucket")
+  monkeypatch.setattr(paths, "is_remote", lambda p: os.fspath(p).startswith(bucket))
+  w = loop.MetricsWriter(os.path.join(bucket, "run"))
+  for step in (1, 2, 3):
+    w.write(step, {"loss": float(step)}, prefix="train/")
+  assert not os.path.exists(os.path.join(bucket, "run", "tb"))  # events still local
+  w.close()
+  assert os.listdir(os.path.join(bucket, "run", "tb"))
+  w = loop.MetricsWriter(os.path.join(bucket, "run"), tensorboard=False, resume_step=2)
+  with open(os.path.join(bucket, "run", "metrics.jsonl")) as f:
+    assert [json.loads(line) for line in f] == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
