@@ -41,8 +41,9 @@ def init_args(env: Mapping[str, str]) -> dict | None:
   address = env.get("JAX_COORDINATOR_ADDRESS", "")
   count, index = _int(env, "JAX_NUM_PROCESSES"), _int(env, "JAX_PROCESS_ID")
   if address or count is not None or index is not None:
-    missing = [k for k, v in (("JAX_COORDINATOR_ADDRESS", address),
-                              ("JAX_NUM_PROCESSES", count), ("JAX_PROCESS_ID", index)) if v in ("", None)]
+    given = (("JAX_COORDINATOR_ADDRESS", address), ("JAX_NUM_PROCESSES", count),
+             ("JAX_PROCESS_ID", index))
+    missing = [k for k, v in given if v in ("", None)]
     if missing:
       raise ConfigError("an explicit multi-process launch needs JAX_COORDINATOR_ADDRESS "
                         f"(host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID; missing: "

@@ -2,9 +2,9 @@
 
 Training (`make_train_loader`): the records (cut to a multiple of the process count) are a
 Grain `MapDataset` of record indices, shuffled with a different order each epoch (Grain
-folds the epoch into the seed), repeated, mapped, and this process takes every
-`process_count`-th element from `process_index` on: the global order (and so each step's
-global batch) is the same for any process count. Examples are mapped by `examples.ExampleBuilder` (video decode,
+folds the epoch into the seed) and repeated; this process takes every `process_count`-th
+element from `process_index` on, so the global order (and each step's global batch) is the
+same for any process count. Examples are built by `examples.ExampleBuilder` (video decode,
 preprocessing, tokenisation) in worker processes (`num_workers`, 0 = in-process). The main
 process takes examples in order, handles bad-sample markers (raise or count), and pads each
 batch (`batching.collate`; with `groups=G` as G groups for data-parallel vision). The padded

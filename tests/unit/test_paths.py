@@ -48,7 +48,8 @@ def test_copy_tree_and_remove(tmp_path):
 def test_staged_remote_writes_locally_then_copies(tmp_path, monkeypatch):
   """The bucket code path, with a local directory standing in for the bucket."""
   dst = tmp_path / "bucket" / "hf"
-  monkeypatch.setattr(paths, "is_remote", lambda p: os.fspath(p).startswith(str(tmp_path / "bucket")))
+  bucket = str(tmp_path / "bucket")
+  monkeypatch.setattr(paths, "is_remote", lambda p: os.fspath(p).startswith(bucket))
   with paths.staged(dst) as local:
     assert not local.startswith(str(tmp_path))
     assert not dst.exists()  # nothing reaches the destination before the body ends
