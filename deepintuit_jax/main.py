@@ -21,12 +21,13 @@ from typing import Any, Callable, NamedTuple
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deepintuit_jax import errors, interrupts, preflight, workdir as workdir_lib
+from deepintuit_jax import distributed, errors, interrupts, paths, preflight, workdir as workdir_lib
 from deepintuit_jax.data.errors import BadSample
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file [:arg]",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default runs/<config stem>)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory, local or a gs:// URL "
+                               "(default runs/<config stem>)")
 _ALLOW_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "continue the workdir's run under a config that differs "
     "from its recorded one in keys that change the numbers (logged in config_history.jsonl)")
@@ -81,15 +82,10 @@ def default_workdir(config_arg: str) -> str:
 
 
 def maybe_initialize_distributed() -> None:
-  """Multi-process JAX when launched on several hosts (SLURM, Open MPI, TPU pod, or an
-  explicit coordinator); a single process (e.g. one CPU) is left alone."""
-  import jax
-  env = os.environ
-  multi = (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-           or "JAX_COORDINATOR_ADDRESS" in env or int(env.get("JAX_NUM_PROCESSES", "1")) > 1
-           or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
-  if multi:
-    jax.distributed.initialize()
+  """Multi-process JAX when launched as one of several processes (explicit
+  JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, SLURM, Open MPI, TPU pod);
+  a single process is left alone (`deepintuit_jax.distributed`)."""
+  distributed.maybe_initialize()
 
 
 # transformers' notices that say nothing to a user of this framework (it never uses
@@ -176,7 +172,7 @@ def _workdir_or_none() -> str | None:
   if config is None:
     return None
   config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-  return os.path.abspath(_WORKDIR.value or default_workdir(config_file))
+  return os.fspath(paths.as_path(_WORKDIR.value or default_workdir(config_file)))  # or gs://
 
 
 def _from_config(stage: Stage, config) -> Any:

@@ -111,6 +111,13 @@ def from_config(c) -> GRPORun:
 def run(cfg: GRPORun, *, workdir: str, mesh) -> dict[str, Any]:
   """Rolls out, trains, evaluates and exports; returns the final eval metrics by split."""
   g = cfg.grpo
+  if jax.process_count() > 1:
+    # Rollouts feed each process's prompts to the sampler as host arrays, which jit treats
+    # as replicated: with several processes the groups would be mixed silently. Refuse
+    # until rollouts are placed as global batches (issue 8 item 6, GRPO part).
+    from deepintuit_jax.errors import ConfigError
+    raise ConfigError(f"the GRPO stage runs on one process for now ({jax.process_count()} "
+                      "started); use one host with all its devices")
   setup = stage.prepare(seed=cfg.seed, init_from=cfg.init_from, model=cfg.model,
                         data=cfg.data, checkpoint=cfg.checkpoint, workdir=workdir, mesh=mesh)
   procs = jax.process_count()
