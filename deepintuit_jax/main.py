@@ -43,6 +43,14 @@ def _sft() -> Stage:
 register_stage("sft", _sft)
 
 
+def _imitation() -> Stage:
+  from deepintuit_jax.trainers import imitation
+  return Stage(imitation.from_config, imitation.run)
+
+
+register_stage("imitation", _imitation)
+
+
 def get_stage(name: str) -> Stage:
   if name not in _STAGES:
     raise ValueError(f"config.stage={name!r} unknown; registered: {sorted(_STAGES)}")
