@@ -41,7 +41,7 @@ from deepintuit_jax.trainers.step import TrainStep
 # sft_stage.RELEASE / TINY; README "Imitation baseline" says why the rest).
 RELEASE = dict(learning_rate=5e-5, epochs=10, batch_size=64, weight_decay=0.05, max_frames=32,
                max_pixels=200704, every_steps=500, head_width=512, head_depth=2, head_heads=8)
-TINY = dict(learning_rate=1e-3, epochs=10, batch_size=8, weight_decay=0.0, max_frames=8,
+TINY = dict(learning_rate=3e-4, epochs=10, batch_size=8, weight_decay=0.0, max_frames=8,
             max_pixels=64 * 28 * 28, every_steps=100, head_width=64, head_depth=1, head_heads=4)
 INITS = ("scratch", "pretrained")
 MODEL_NAMES = {"scratch": "imitation (scratch)", "pretrained": "imitation (pretrained tower)"}
