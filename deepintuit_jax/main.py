@@ -70,6 +70,14 @@ register_stage("sft", _sft)
 register_stage("grpo", _grpo)
 
 
+def _imitation() -> Stage:
+  from deepintuit_jax.trainers import imitation
+  return Stage(imitation.from_config, imitation.run)
+
+
+register_stage("imitation", _imitation)
+
+
 def get_stage(name: str) -> Stage:
   if name not in _STAGES:
     raise errors.ConfigError(f"stage={name!r} unknown; registered: {sorted(_STAGES)}")

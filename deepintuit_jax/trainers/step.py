@@ -44,8 +44,9 @@ def stack_micro(micro: Sequence[dict]) -> dict:
 
 
 def on_device(mb: dict) -> bool:
-  """Already placed (its token ids are a jax Array)."""
-  return isinstance(mb.get("input_ids"), jax.Array)
+  """Already placed (its arrays are jax Arrays)."""
+  leaves = jax.tree.leaves(mb)
+  return bool(leaves) and all(isinstance(x, jax.Array) for x in leaves)
 
 
 class TrainStep:
