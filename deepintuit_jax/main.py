@@ -45,8 +45,14 @@ def _grpo() -> Stage:
   return Stage(grpo_stage.from_config, grpo_stage.run)
 
 
+def _traces() -> Stage:
+  from deepintuit_jax.trainers import traces_stage
+  return Stage(traces_stage.from_config, traces_stage.run)
+
+
 register_stage("sft", _sft)
 register_stage("grpo", _grpo)
+register_stage("traces", _traces)
 
 
 def get_stage(name: str) -> Stage:
