@@ -50,9 +50,21 @@ def _traces() -> Stage:
   return Stage(traces_stage.from_config, traces_stage.run)
 
 
+def _calibrate() -> Stage:
+  from deepintuit_jax.trainers import calibrate_stage
+  return Stage(calibrate_stage.from_config, calibrate_stage.run)
+
+
+def _infer() -> Stage:
+  from deepintuit_jax.trainers import infer_stage
+  return Stage(infer_stage.from_config, infer_stage.run)
+
+
 register_stage("sft", _sft)
 register_stage("grpo", _grpo)
 register_stage("traces", _traces)
+register_stage("calibrate", _calibrate)
+register_stage("infer", _infer)
 
 
 def get_stage(name: str) -> Stage:
