@@ -60,11 +60,18 @@ def _infer() -> Stage:
   return Stage(infer_stage.from_config, infer_stage.run)
 
 
+def _deepintuit() -> Stage:  # the whole chain; it runs the stages registered here
+  import functools
+  from deepintuit_jax.trainers import chain
+  return Stage(chain.from_config, functools.partial(chain.run, stages=_STAGES))
+
+
 register_stage("sft", _sft)
 register_stage("grpo", _grpo)
 register_stage("traces", _traces)
 register_stage("calibrate", _calibrate)
 register_stage("infer", _infer)
+register_stage("deepintuit", _deepintuit)
 
 
 def get_stage(name: str) -> Stage:

@@ -22,7 +22,7 @@ from deepintuit_jax.trainers import calibrate, loop, stage, traces_stage
 from deepintuit_jax.trainers.stage import DataSpec, ModelSpec
 
 RELEASE = dict(max_new_tokens=2048, max_frames=32, max_pixels=200704, prompt="full")
-TINY = dict(max_new_tokens=96, max_frames=8, max_pixels=64 * 28 * 28, prompt="compact")
+TINY = dict(max_new_tokens=192, max_frames=8, max_pixels=64 * 28 * 28, prompt="compact")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ from deepintuit_jax.trainers.stage import DataSpec, ModelSpec
 
 RELEASE = dict(num_traces=4, max_new_tokens=2048, max_frames=32, max_pixels=200704,
                prompt="full")
-TINY = dict(num_traces=4, max_new_tokens=96, max_frames=8, max_pixels=64 * 28 * 28,
+TINY = dict(num_traces=4, max_new_tokens=192, max_frames=8, max_pixels=64 * 28 * 28,
             prompt="compact")
 META = "calibration_meta.json"
 
