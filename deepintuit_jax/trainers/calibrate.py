@@ -165,15 +165,16 @@ def check_targets(batch: dict, label_ids: Sequence[int]) -> None:
 
 
 def save_head(out: str, head: ClassifierHead, *, classes: Sequence[str], backbone: str,
-              label_ids: Sequence[int]) -> str:
+              label_ids: Sequence[int], **meta) -> str:
   """The hidden-state calibrator: head weights (safetensors) + calibrator.json naming the
-  frozen backbone's HF directory. Returns `out`."""
+  frozen backbone's HF directory (and `meta`, e.g. the prompt style). Returns `out`."""
   from deepintuit_jax.models import safetensors_io
   os.makedirs(out, exist_ok=True)
   safetensors_io.save_file({"kernel": np.asarray(head.kernel[...], np.float32),
                             "bias": np.asarray(head.bias[...], np.float32)},
                            os.path.join(out, HEAD_FILE))
-  write_meta(out, head="hidden_state", classes=classes, label_ids=label_ids, backbone=backbone)
+  write_meta(out, head="hidden_state", classes=list(classes), label_ids=list(label_ids),
+             backbone=backbone, **meta)
   return out
 
 

@@ -165,7 +165,7 @@ def run(cfg: CalibrateRun, *, workdir: str, mesh) -> dict[str, Any]:
       else:
         model = nnx.merge(graphdef, state.params, state.frozen, state.rest)
         calibrate.save_head(os.path.join(workdir, "head"), model.head, backbone=cfg.policy,
-                            **{k: meta[k] for k in ("classes",)}, label_ids=label_ids)
+                            **meta)
     return {"step": int(state.step)}
   finally:
     setup.checkpointer.close()
