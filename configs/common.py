@@ -53,8 +53,10 @@ def data_config() -> ml_collections.ConfigDict:
       max_seq_len=8192,
       sampling="release",  # release | fps
       num_workers=0,      # Grain decode processes
-      special_tokens=True,  # add class labels, <think>, </think>, <answer>, </answer> and
-                            # <NO_POLICY> as special tokens (the release does; new rows random)
+      special_tokens="added",  # class labels, <think>, </think>, <answer>, </answer> and
+                               # <NO_POLICY> as atomic tokens (new rows random): "added"
+                               # (plain added tokens: kept by skip_special_tokens=True),
+                               # "special" (as the release) or "none"
       prefetch_steps=2,   # steps of batches prepared ahead in a thread (0 = none; one process)
       synthetic_train=300,  # generated benchmark sizes (only when train_file is "")
       synthetic_test=72,

@@ -1,23 +1,43 @@
 """Entry point of every stage:
 
     python -m deepintuit_jax.main --config=configs/sft.py[:arg] [--workdir=DIR] [--config.a.b=v]
+        [--allow_config_change] [--rerun_eval] [--traceback]
 
-The config is a locked ml_collections ConfigDict (an unknown `--config.x` fails). Its
-`stage` picks a registered stage, which turns the config into frozen dataclasses once and
-runs. Rerunning the same command in the same workdir resumes from its latest checkpoint.
+The config is a locked ml_collections ConfigDict (an unknown `--config.x` fails, with the
+closest key suggested). Its `stage` picks a registered stage, which turns the config into
+frozen dataclasses once and runs. Rerunning the same command in the same workdir resumes
+from its latest checkpoint; a config that changes the numbers is refused there (see
+`deepintuit_jax.workdir`), a finished run is not redone. Configuration and input errors
+print as one line (`error: ...`, exit code 2) without a traceback unless `--traceback`.
 """
 from __future__ import annotations
 
-import json
+import logging as py_logging
 import os
+import re
+import sys
 from typing import Any, Callable, NamedTuple
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from deepintuit_jax import errors, interrupts, preflight, workdir as workdir_lib
+from deepintuit_jax.data.errors import BadSample
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file [:arg]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default runs/<config stem>)")
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "continue the workdir's run under a config that differs "
+    "from its recorded one in keys that change the numbers (logged in config_history.jsonl)")
+_RERUN_EVAL = flags.DEFINE_bool(
+    "rerun_eval", False, "rerunning a finished workdir: evaluate and export it again")
+_TRACEBACK = flags.DEFINE_bool(
+    "traceback", False, "show the traceback of configuration and input errors")
+
+# Mistakes in the config or the inputs: printed as one line, no traceback.
+USER_ERRORS = (errors.UserError, BadSample)
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 
 
 class Stage(NamedTuple):
@@ -76,7 +96,7 @@ register_stage("deepintuit", _deepintuit)
 
 def get_stage(name: str) -> Stage:
   if name not in _STAGES:
-    raise ValueError(f"config.stage={name!r} unknown; registered: {sorted(_STAGES)}")
+    raise errors.ConfigError(f"stage={name!r} unknown; registered: {sorted(_STAGES)}")
   return _STAGES[name]()
 
 
@@ -97,32 +117,154 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+# transformers' notices that say nothing to a user of this framework (it never uses
+# transformers' PyTorch models; Qwen2.5-VL's config carries the legacy rope keys).
+_QUIET = {"transformers": ("PyTorch was not found",),
+          "transformers.configuration_utils": ("got `key=rope_scaling` in kwargs",),
+          "transformers.modeling_rope_utils": ("Unrecognized keys in `rope_parameters`",)}
+
+
+class _DropMessages(py_logging.Filter):
+  def __init__(self, prefixes: tuple[str, ...]):
+    super().__init__()
+    self.prefixes = prefixes
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(p in message for p in self.prefixes)
+
+
+def quiet_transformers() -> None:
+  """Drops only the notices in `_QUIET` (before transformers is imported: it logs the
+  PyTorch one at import); every other transformers warning still shows."""
+  for name, prefixes in _QUIET.items():
+    logger = py_logging.getLogger(name)
+    if not any(isinstance(f, _DropMessages) for f in logger.filters):
+      logger.addFilter(_DropMessages(prefixes))
+
+
+def flag_error_message(e: BaseException, argv: list[str]) -> str:
+  """One line for a bad command line: a misspelt `--config.x` gets ml_collections'
+  suggestion first."""
+  raw = str(e)
+  if "Traceback (most recent call last)" in raw:  # a config file's own error, as text
+    lines = [x.strip() for x in raw.splitlines() if x.strip()]
+    return f"{raw.splitlines()[0].split(': Error whilst')[0]}: {lines[-1]}"
+  text = re.sub(r"\s+", " ", raw.replace("\\n", " ")).strip()
+  m = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"\?', text)
+  if m:
+    right, wrong = m.groups()
+    for arg in argv:
+      flag = arg.split("=", 1)[0]
+      if flag.startswith("--config.") and re.search(rf"\b{re.escape(wrong)}\b", flag):
+        fixed = re.sub(rf"\b{re.escape(wrong)}\b", right, flag, count=1)
+        return f"did you mean {fixed}? {flag} is not a config key"
+    return f"did you mean {right!r} instead of {wrong!r}? (not a config key)"
+  return text if len(text) < 400 else text[:400] + "..."
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 (the command line is the user's: one line, exit 2)
+    if "--traceback" in argv:
+      raise
+    print(f"error: {flag_error_message(e, argv)}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    _main()
+  except USER_ERRORS as e:
+    if _TRACEBACK.value:
+      raise
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+  except interrupts.Interrupted as e:
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(EXIT_INTERRUPTED)
+  except KeyboardInterrupt:
+    workdir = _workdir_or_none()
+    step = workdir_lib.latest_checkpoint_step(workdir) if workdir else None
+    print("interrupted; " + (f"a rerun resumes from step {step} (the latest complete "
+                             "checkpoint)" if step is not None else
+                             "no checkpoint was written: a rerun starts from the beginning"),
+          file=sys.stderr, flush=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _workdir_or_none() -> str | None:
+  config = _CONFIG.value
+  if config is None:
+    return None
+  config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+  return os.path.abspath(_WORKDIR.value or default_workdir(config_file))
+
+
+def _from_config(stage: Stage, config) -> Any:
+  """The stage's config -> dataclasses step validates the config: its ValueError /
+  KeyError / FileNotFoundError are config errors (a one-line message naming the key)."""
+  try:
+    return stage.from_config(config)
+  except USER_ERRORS:
+    raise
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    if _TRACEBACK.value:
+      raise
+    message = str(e) if not isinstance(e, KeyError) else f"unknown value {e}"
+    raise errors.ConfigError(f"config: {message}") from e
+
+
+def _main() -> None:
+  quiet_transformers()
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/sft.py")
+  try:
+    "stage" in config  # ml_collections defers a config file's load error to the first access
+  except OSError as e:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    raise errors.ConfigError(f"--config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}"
+                             f": cannot load the config file ({lines[-1]})") from None
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
+  # Everything below up to the Guard only reads: a refused or invalid run touches no file.
+  preflight.check_config(config)
+  workdir = _workdir_or_none()
+  stage = get_stage(config.stage)
+  recorded = config.to_dict()
+  plan = workdir_lib.check(workdir, recorded, allow_change=_ALLOW_CHANGE.value)
+  if plan.finished_step is not None and not _RERUN_EVAL.value:
+    print(workdir_lib.finished_message(plan), flush=True)
+    return
   maybe_initialize_distributed()
   import jax
   from deepintuit_jax import sharding
 
-  config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-  workdir = os.path.abspath(_WORKDIR.value or default_workdir(config_file))
-  stage = get_stage(config.stage)
-  cfg = stage.from_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    print(f"workdir: {workdir}\nconfig:\n{config}\nresolved: {cfg!r}", flush=True)
-    with open(os.path.join(workdir, "run_config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
-    with open(os.path.join(workdir, "resolved_config.txt"), "w") as f:
-      f.write(repr(cfg) + "\n")
-  mesh = sharding.make_mesh(tuple(config.mesh.shape))
-  stage.run(cfg, workdir=workdir, mesh=mesh)
+  cfg = _from_config(stage, config)
+  is_main = jax.process_index() == 0
+  with workdir_lib.Guard(workdir, enabled=is_main):
+    if is_main:
+      print(f"workdir: {workdir}\nconfig:\n{config}\nresolved: {cfg!r}", flush=True)
+      if workdir_lib.describe(plan):
+        print(workdir_lib.describe(plan), flush=True)
+      workdir_lib.record(plan, recorded, resolved=repr(cfg))
+    mesh = sharding.make_mesh(tuple(config.mesh.shape))
+    try:
+      stage.run(cfg, workdir=workdir, mesh=mesh)
+    except interrupts.Interrupted:  # stopped well: its checkpoints are of the new config
+      if is_main and workdir_lib.latest_checkpoint_step(workdir) is not None:
+        workdir_lib.commit(plan, recorded, resolved=repr(cfg))
+      raise
+  if is_main:
+    workdir_lib.commit(plan, recorded, resolved=repr(cfg))
+    step = workdir_lib.latest_checkpoint_step(workdir)
+    if step is not None:
+      workdir_lib.mark_finished(workdir, step)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -35,6 +35,7 @@ def parse_args(argv=None):
   p.add_argument("--frozen", default=r"^visual\.", help="comma-separated regexes")
   p.add_argument("--fake_devices", type=int, default=0, help="N host CPU devices (0 = real ones)")
   p.add_argument("--no_compile", action="store_true", help="lower only")
+  p.add_argument("--stage", default="sft", help="sft, or grpo (the policy-loss update step)")
   return p.parse_args(argv)
 
 
@@ -60,6 +61,21 @@ def fake_batch(cfg, *, batch: int, groups: int, text: int, frames: int, side: in
                             max_pixels=side * side, min_pixels=28 * 28)
   return batching.collate([ex] * batch, batch_size=batch, options=options, model_config=cfg,
                           pad_id=0, groups=groups if groups > 1 else None)
+
+
+def grpo_step(graphdef, tx, lr_fn, host: dict, *, mesh, shardings, loss_chunk: int):
+  """The GRPO update step and `host` with GRPO's per-row arrays added (advantages [G, b],
+  old / rollout log-probs [G, b, T]), so the check covers the policy-loss step too."""
+  import numpy as np
+  from deepintuit_jax.trainers.grpo import learner
+  ids = np.asarray(host["input_ids"])
+  host = dict(host, advantages=np.zeros(ids.shape[:2], np.float32),
+              old_logprobs=np.zeros(ids.shape, np.float32),
+              rollout_logprobs=np.zeros(ids.shape, np.float32))
+  cfg = learner.GRPOConfig(group_size=1, prompts_per_rollout=1, mini_batch_prompts=1,
+                           logp_chunk=loss_chunk)
+  return host, learner.TrainStep(learner.make_loss_fn(graphdef, cfg), tx, lr_fn, mesh=mesh,
+                                 state_sharding=shardings, finalize_aux=learner.finalize_aux)
 
 
 def main(argv=None) -> dict:
@@ -111,12 +127,18 @@ def main(argv=None) -> dict:
   host = sharding_lib.as_groups(sft.device_batch(fake_batch(
       cfg, batch=args.batch, groups=groups, text=args.text, frames=args.frames,
       side=args.side)))
-  batch_sh = sharding_lib.batch_shardings(host, mesh)
+  if args.stage == "grpo":
+    host, step = grpo_step(graphdef, tx, optim.schedule(ocfg, 1000), host, mesh=mesh,
+                           shardings=shardings, loss_chunk=args.loss_chunk)
+  elif args.stage == "sft":
+    step = sft.make_train_step(graphdef, tx, optim.schedule(ocfg, 1000), mesh=mesh,
+                               state_sharding=shardings, loss_chunk=args.loss_chunk)
+  else:
+    raise ValueError(f"--stage {args.stage!r}: sft or grpo")
+  batch_sh = sharding_lib.batch_shardings(host, mesh, row_axes=step.row_axes)
   abstract_batch = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=s),
       host, batch_sh)
-  step = sft.make_train_step(graphdef, tx, optim.schedule(ocfg, 1000), mesh=mesh,
-                             state_sharding=shardings, loss_chunk=args.loss_chunk)
   lowered = step.jitted.lower(abstract_state, (abstract_batch,))
   t_lower = time.perf_counter() - t0
   n_train, n_frozen = optim.count_params(params), optim.count_params(frozen)

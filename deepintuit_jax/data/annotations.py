@@ -23,6 +23,7 @@ from typing import Any
 
 from deepintuit_jax.data import errors
 from deepintuit_jax.data.errors import BadSample, SkipLedger
+from deepintuit_jax.errors import InputError, InputNotFound
 
 AMBIGUOUS_FILE = "ambiguous_file"
 # Fields consumed into the Record's own attributes; everything else goes to `extra`.
@@ -65,23 +66,25 @@ def _read_json_values(path: str) -> list[tuple[str, Any]]:
     with open(path, encoding="utf-8") as f:
       text = f.read()
   except FileNotFoundError:
-    raise FileNotFoundError(f"annotation file {path!r} does not exist") from None
+    raise InputNotFound(f"annotation file {path!r} does not exist") from None
   except UnicodeDecodeError as e:
-    raise ValueError(f"annotation file {path!r} is not UTF-8 text: {e}") from None
+    raise InputError(f"annotation file {path!r} is not UTF-8 text: {e}") from None
   is_jsonl = path.lower().endswith(_JSONL_SUFFIXES)
+  if not text.strip():
+    return []
   if not is_jsonl:
     try:
       data = json.loads(text)
     except json.JSONDecodeError as e:
       if e.msg != "Extra data":  # several top-level values: treat the file as JSONL
-        raise ValueError(f"annotation file {path!r} is not valid JSON: {e.msg} at line "
+        raise InputError(f"annotation file {path!r} is not valid JSON: {e.msg} at line "
                          f"{e.lineno}, column {e.colno} (char {e.pos})") from None
       is_jsonl = True
     else:
       if isinstance(data, dict) and "conversations" in data:
         data = [data]  # a file holding a single record
       if not isinstance(data, list):
-        raise ValueError(f"annotation file {path!r}: expected a JSON list of records, got "
+        raise InputError(f"annotation file {path!r}: expected a JSON list of records, got "
                          f"{type(data).__name__}")
       return [(f"{path}:#{i}", v) for i, v in enumerate(data)]
   out = []
@@ -205,7 +208,8 @@ def load_records(path: str | os.PathLike, *, on_bad_sample: str = "error",
     labels: when given, each record's label must be one of these (`unknown_label`).
   Raises:
     BadSample: a bad record in "error" mode.
-    ValueError / FileNotFoundError: the file itself cannot be read as JSON or JSONL.
+    InputError / InputNotFound (ValueError / FileNotFoundError): the file is missing, cannot
+      be read as JSON or JSONL, holds no records, or none of them is usable.
   """
   errors.check_on_bad_sample(on_bad_sample)
   path = os.fspath(path)
@@ -213,7 +217,10 @@ def load_records(path: str | os.PathLike, *, on_bad_sample: str = "error",
   allowed = None if labels is None else set(labels)
   out: list[Record] = []
   first_seen: dict[str, str] = {}
-  for source, value in _read_json_values(path):
+  values = _read_json_values(path)
+  if not values:
+    raise InputError(f"annotation file {path!r} holds no records (it is empty)")
+  for source, value in values:
     try:
       if isinstance(value, BadSample):
         raise value
@@ -237,6 +244,9 @@ def load_records(path: str | os.PathLike, *, on_bad_sample: str = "error",
       continue
     first_seen[rec.item_id] = source
     out.append(rec)
+  if not out:
+    raise InputError(f"annotation file {path!r}: none of its {len(values)} record(s) is "
+                     "usable (all skipped as bad samples)")
   return out
 
 
@@ -256,10 +266,10 @@ def labels_from_records(records: Sequence[Record]) -> list[str]:
     if r.label_index is None:
       continue
     if index_of.setdefault(r.label, r.label_index) != r.label_index:
-      raise ValueError(f"label {r.label!r} has anno_label {index_of[r.label]} and "
+      raise InputError(f"label {r.label!r} has anno_label {index_of[r.label]} and "
                        f"{r.label_index} ({r.source})")
     if label_at.setdefault(r.label_index, r.label) != r.label:
-      raise ValueError(f"anno_label {r.label_index} names both {label_at[r.label_index]!r} "
+      raise InputError(f"anno_label {r.label_index} names both {label_at[r.label_index]!r} "
                        f"and {r.label!r} ({r.source})")
   indexed = sorted(index_of, key=index_of.__getitem__)
   return indexed + [l for l in order if l not in index_of]
@@ -279,11 +289,11 @@ def _definition_of(label: str, value: Any, path: str) -> str:
       if isinstance(text, list):
         text = " ".join(str(t) for t in text)
       if not isinstance(text, str):
-        raise ValueError(f"class file {path!r}: label {label!r} has a non-text definition")
+        raise InputError(f"class file {path!r}: label {label!r} has a non-text definition")
       if text.strip() and text.strip() not in parts:
         parts.append(text.strip())
     return " ".join(parts)
-  raise ValueError(f"class file {path!r}: label {label!r} maps to a {type(value).__name__}; "
+  raise InputError(f"class file {path!r}: label {label!r} maps to a {type(value).__name__}; "
                    "expected a definition string or a list of policy objects")
 
 
@@ -300,16 +310,16 @@ def load_class_file(path: str | os.PathLike) -> dict[str, str]:
     with open(path, encoding="utf-8") as f:
       text = f.read()
   except FileNotFoundError:
-    raise FileNotFoundError(f"class file {path!r} does not exist") from None
+    raise InputNotFound(f"class file {path!r} does not exist") from None
   out: dict[str, str] = {}
 
   def add(label: Any, definition: str, where: str) -> None:
     if not isinstance(label, str) or not label.strip():
-      raise ValueError(f"class file {path!r}: {where}: label must be a non-empty string, "
+      raise InputError(f"class file {path!r}: {where}: label must be a non-empty string, "
                        f"got {label!r}")
     label = label.strip()
     if label in out:
-      raise ValueError(f"class file {path!r}: {where}: duplicate label {label!r}")
+      raise InputError(f"class file {path!r}: {where}: duplicate label {label!r}")
     out[label] = definition
 
   stripped = text.lstrip()
@@ -317,7 +327,7 @@ def load_class_file(path: str | os.PathLike) -> dict[str, str]:
     try:
       data = json.loads(text)
     except json.JSONDecodeError as e:
-      raise ValueError(f"class file {path!r} is not valid JSON: {e.msg} at line {e.lineno}, "
+      raise InputError(f"class file {path!r} is not valid JSON: {e.msg} at line {e.lineno}, "
                        f"column {e.colno}") from None
     if isinstance(data, dict):
       for label, value in data.items():
@@ -330,7 +340,7 @@ def load_class_file(path: str | os.PathLike) -> dict[str, str]:
         else:
           add(item, "", f"entry #{i}")
     else:
-      raise ValueError(f"class file {path!r}: expected a JSON object or list, "
+      raise InputError(f"class file {path!r}: expected a JSON object or list, "
                        f"got {type(data).__name__}")
   else:
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -340,7 +350,7 @@ def load_class_file(path: str | os.PathLike) -> dict[str, str]:
       label, _, definition = line.partition(":")
       add(label, definition.strip(), f"line {lineno}")
   if not out:
-    raise ValueError(f"class file {path!r} defines no labels")
+    raise InputError(f"class file {path!r} defines no labels")
   return out
 
 

@@ -27,33 +27,57 @@ VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 IM_END, END_OF_TEXT = "<|im_end|>", "<|endoftext|>"
 
 
-def add_special_tokens(tokenizer, labels: Sequence[str], *, tags: bool = True,
-                       extra: Sequence[str] = (NO_POLICY_TOKEN,)) -> list[str]:
-  """Adds the class labels, the reasoning tags and `extra` as special tokens (as the release).
+TOKEN_MODES = ("added", "special", "none")
 
-  Every token is registered as a special (atomic, never split) token, as the release does,
-  also when it is already a vocabulary token (e.g. `normal`: it keeps its id, but is then
-  matched as a whole inside any text). Order of the new ids: labels in the given order, then
-  `TAG_TOKENS`, then `extra`. The model's vocabulary must then hold at least
+
+def add_label_tokens(tokenizer, labels: Sequence[str], *, special: bool, tags: bool = True,
+                     extra: Sequence[str] = (NO_POLICY_TOKEN,)) -> list[str]:
+  """Adds the class labels, the reasoning tags and `extra` as atomic added tokens.
+
+  special=True registers them as special tokens, as the release does: decoding with
+  `skip_special_tokens=True` (vLLM's and transformers' pipelines' default) then drops them
+  from the text. special=False registers them as plain added tokens (`AddedToken(special=
+  False, normalized=False)`): the same ids and the same tokenisation (each is matched whole,
+  before the pre-tokenizer, also inside words), but they stay visible in decoded text.
+  A token that is already a vocabulary token (e.g. `normal`) keeps its id either way; one
+  that is already an added token is left as it is. Order of the new ids: labels in the given
+  order, then `TAG_TOKENS`, then `extra`. The model's vocabulary must then hold at least
   `required_vocab_size(tokenizer)` rows (new rows initialised by the caller).
-  Returns the tokens registered by this call (those that were not special tokens already).
+  Returns the tokens registered by this call.
   """
   from tokenizers import AddedToken
 
   wanted: list[str] = []
   for tok in list(labels) + (list(TAG_TOKENS) if tags else []) + list(extra):
     if not isinstance(tok, str) or not tok or tok != tok.strip():
-      raise ValueError(f"add_special_tokens: {tok!r} is not a usable token (a non-empty "
+      raise ValueError(f"add_label_tokens: {tok!r} is not a usable token (a non-empty "
                        "string without surrounding whitespace)")
     if tok not in wanted:
       wanted.append(tok)
-  already = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+  already = {t.content for t in tokenizer.added_tokens_decoder.values()
+             if t.special or not special}
   new = [t for t in wanted if t not in already]
   if new:
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in new],
-                         special_tokens=True)
+    tokenizer.add_tokens([AddedToken(t, special=special, normalized=False) for t in new],
+                         special_tokens=special)
   label_token_ids(tokenizer, wanted)  # each must now be a single token
   return new
+
+
+def add_special_tokens(tokenizer, labels: Sequence[str], **kwargs) -> list[str]:
+  """`add_label_tokens(..., special=True)`: the release's registration."""
+  return add_label_tokens(tokenizer, labels, special=True, **kwargs)
+
+
+def add_tokens_for_mode(tokenizer, labels: Sequence[str], mode: str) -> list[str]:
+  """`data.special_tokens`: "added" (plain added tokens, visible after decoding), "special"
+  (the release: special tokens) or "none" (the tokenizer is left unchanged)."""
+  if mode not in TOKEN_MODES:
+    from deepintuit_jax.errors import ConfigError
+    raise ConfigError(f"data.special_tokens={mode!r}: must be one of {', '.join(TOKEN_MODES)}")
+  if mode == "none":
+    return []
+  return add_label_tokens(tokenizer, labels, special=mode == "special")
 
 
 def label_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:

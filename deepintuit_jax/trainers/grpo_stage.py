@@ -154,7 +154,8 @@ def run(cfg: GRPORun, *, workdir: str, mesh) -> dict[str, Any]:
       options=options, model_config=model_config, pad_id=chat.pad_id(setup.tokenizer),
       mesh=mesh, state_sharding=shardings, groups=groups,
       more_prompts=lambda: next(batches)[0], ref_params=ref.get("params"))
-  writer = loop.MetricsWriter(workdir)
+  # Rows past the restored step (a killed run's) are dropped once, so each step has one row.
+  writer = loop.MetricsWriter(workdir, resume_step=int(state.step), final_step=total)
   evaluate = stage.Evaluator(workdir=workdir, graphdef=graphdef, setup=setup,
                              eval_files=cfg.data.eval_files, cfg=cfg.eval, writer=writer)
   try:

@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
+from deepintuit_jax import interrupts, workdir as workdir_lib
+
 
 class NonFiniteError(FloatingPointError):
   """A NaN or Inf in the loss or the gradients; the state was not updated."""
@@ -27,12 +29,17 @@ class MetricsWriter:
   """Appends one JSON object a line to `<workdir>/metrics.jsonl` and mirrors scalars to
   TensorBoard (`<workdir>/tb`). Only process 0 writes."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None,
+               final_step: int | None = None):
+    """resume_step: the step the run restarts from; rows it will write again are dropped
+    once (`workdir.truncate_metrics`; also its eval rows when it is `final_step`)."""
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      if resume_step is not None:
+        workdir_lib.truncate_metrics(self.path, resume_step, redo_final=resume_step == final_step)
       if tensorboard:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
@@ -178,8 +185,11 @@ def train_loop(state: Any, step_fn: Callable, micro_batches: Iterator[tuple], *,
   bar = _progress(total_steps, start)
   t_last, tokens_since, items_since = time.perf_counter(), 0, 0
   done = start
+  stop, last_data = interrupts.StopRequest().install(processes=jax.process_count()), None
   try:
     while done < total_steps:
+      if stop.requested:  # Ctrl-C: checkpoint the last completed step, raise Interrupted
+        stop.stop(state, last_data, checkpointer)
       try:
         item = next(micro_batches)
       except StopIteration:
@@ -215,13 +225,17 @@ def train_loop(state: Any, step_fn: Callable, micro_batches: Iterator[tuple], *,
         t_last, tokens_since, items_since = now, 0, 0
       if bar is not None:
         bar.update(done - prev)
+      ds = data_state() if data_state is not None else item_state
+      last_data = ds if ds is not None else {}
       if checkpointer is not None and (_crossed(prev, done, checkpointer.every_steps)
                                        or done >= total_steps):
-        ds = data_state() if data_state is not None else item_state
-        checkpointer.save(state, ds if ds is not None else {}, force=True)
+        checkpointer.save(state, last_data, force=True)
       if eval_fn is not None and _crossed(prev, done, eval_every) and done < total_steps:
         eval_fn(state, done)
+    if stop.requested:
+      stop.stop(state, last_data, checkpointer)
   finally:
+    stop.uninstall()
     if bar is not None:
       bar.close()
   return state

@@ -122,7 +122,8 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
         micro.append(step_fn.place(sft.device_batch(b)))  # host->device in this thread
       yield tuple(micro), tokens * procs, loader.get_state()
 
-  writer = loop.MetricsWriter(workdir)
+  # Rows past the restored step (a killed run's) are dropped once, so each step has one row.
+  writer = loop.MetricsWriter(workdir, resume_step=int(state.step), final_step=total)
   evaluate = stage.Evaluator(workdir=workdir, graphdef=graphdef, setup=setup,
                              eval_files=cfg.data.eval_files, cfg=cfg.eval, writer=writer)
   # Host-side batch preparation runs ahead in a thread; checkpoints record the position of

@@ -46,7 +46,7 @@ class DataSpec:
   class_file: str
   options: pipeline.PipelineOptions
   prefetch_steps: int = 2  # steps of batches prepared ahead in a thread (0 = none)
-  special_tokens: bool = True  # class labels and <think>/<answer> tags as added tokens
+  special_tokens: str = "added"  # labels and tags as added tokens: added | special | none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,8 +218,7 @@ def prepare(*, seed: int, init_from: str, model: ModelSpec, data: DataSpec,
   records = annotations.load_records(data.train_file, on_bad_sample=data.options.on_bad_sample,
                                      ledger=ledger, labels=classes)
   classes = classes or annotations.labels_from_records(records)
-  if data.special_tokens:  # as the release: one token per label, atomic tags
-    chat.add_special_tokens(tokenizer, classes)
+  chat.add_tokens_for_mode(tokenizer, classes, data.special_tokens)  # one token per label
   options = dataclasses.replace(data.options, labels=tuple(classes))
   opts = RuntimeOptions(dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat,
                         attention_impl=model.attention_impl)
@@ -331,12 +330,14 @@ class Evaluator:
     return results
 
 
-def export(graphdef, state: TrainState, tokenizer, source: str, out: str) -> str:
-  """The trained model as an HF directory with the (extended) tokenizer."""
+def export(graphdef, state: TrainState, tokenizer, source: str, out: str, *,
+           processor=None) -> str:
+  """The trained model as an HF directory with the (extended) tokenizer; `processor`
+  (hf_save.ProcessorSettings) writes the training's pixel / frame settings."""
   from deepintuit_jax.models import qwen2_5_vl
   model = trainable_model(graphdef, state)
   if jax.process_index() == 0:
-    qwen2_5_vl.save_pretrained(model, out, source_dir=source)
+    qwen2_5_vl.save_pretrained(model, out, source_dir=source, processor=processor)
     tokenizer.save_pretrained(out)
     print(f"exported the model to {out}", flush=True)
   return out
@@ -356,5 +357,7 @@ def finish(state: TrainState, *, graphdef, setup: Setup, data_state: dict, evalu
     print(setup.ledger.summary(), flush=True)
   results = evaluate(state, int(state.step)) if evaluate else {}
   if export_to:
-    export(graphdef, state, setup.tokenizer, setup.source, export_to)
+    from deepintuit_jax.models.qwen2_5_vl import hf_save
+    export(graphdef, state, setup.tokenizer, setup.source, export_to,
+           processor=hf_save.ProcessorSettings.from_pipeline(setup.options))
   return results

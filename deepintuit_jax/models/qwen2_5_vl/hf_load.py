@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from deepintuit_jax import sharding as sharding_lib
+from deepintuit_jax.errors import InputError, InputNotFound
 from deepintuit_jax.models import safetensors_io
 from deepintuit_jax.models.qwen2_5_vl import hf_io
 from deepintuit_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, RuntimeOptions
@@ -24,6 +25,41 @@ from deepintuit_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, RuntimeOpt
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def _pickle_message(where: str, pickles: list[str]) -> str:
+  return (f"{where} holds only pickled weights ({', '.join(pickles[:4])}); they are not loaded "
+          "because unpickling can run arbitrary code (unsafe). Convert them to safetensors "
+          "(e.g. transformers: model.save_pretrained(dir, safe_serialization=True)).")
+
+
+def check_model_dir(path: str, *, key: str = "model.checkpoint",
+                    tokenizer: bool = True) -> None:
+  """Raises a `UserError` naming `key` unless `path` is a local Hugging Face model
+  directory: config.json, safetensors weights (pickled-only weights are refused) and, with
+  `tokenizer`, tokenizer files. Checked before transformers sees the path (it would read a
+  missing directory as a Hub repo id)."""
+  where = f"{key}={path!r}"
+  if not os.path.exists(path):
+    raise InputNotFound(f"{where}: no such directory (a local Hugging Face model directory "
+                        "with config.json and *.safetensors is expected; nothing is "
+                        "downloaded from the Hub)")
+  if not os.path.isdir(path):
+    raise InputNotFound(f"{where} is a file, not a model directory")
+  listing = sorted(os.listdir(path))
+  has_weights = any(f.endswith(".safetensors") or f == INDEX for f in listing)
+  pickles = [f for f in listing if f.endswith(PICKLE_SUFFIXES)]
+  if not has_weights and pickles:
+    raise InputError(_pickle_message(where, pickles)
+                     + ("" if "config.json" in listing else " It has no config.json either."))
+  if "config.json" not in listing:
+    raise InputNotFound(f"{where}: no config.json (not a Hugging Face model directory)")
+  if not has_weights:
+    raise InputNotFound(f"{where}: no {SINGLE}, {INDEX} or *.safetensors weights")
+  if tokenizer and not any(f in listing for f in TOKENIZER_FILES):
+    raise InputNotFound(f"{where}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy "
+                        "them from the base model's directory")
 
 
 def weight_files(path: str) -> tuple[list[str], dict[str, str] | None]:
@@ -58,11 +94,8 @@ def weight_files(path: str) -> tuple[list[str], dict[str, str] | None]:
     return shards, None
   pickles = [f for f in listing if f.endswith(PICKLE_SUFFIXES)]
   if pickles:
-    raise ValueError(
-        f"{path}: holds only pickled weights ({', '.join(pickles[:4])}); they are not loaded "
-        "because unpickling can run arbitrary code (unsafe). Convert them to safetensors "
-        "(e.g. transformers: model.save_pretrained(dir, safe_serialization=True)).")
-  raise FileNotFoundError(f"{path}: no {SINGLE}, {INDEX} or *.safetensors weights")
+    raise InputError(_pickle_message(f"{path}:", pickles))
+  raise InputNotFound(f"{path}: no {SINGLE}, {INDEX} or *.safetensors weights")
 
 
 def _open_tensors(path: str) -> dict[str, tuple[safetensors_io.SafetensorsFile, str]]:
@@ -120,7 +153,7 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, mesh: Mesh | None = No
     or pickled-only weights.
   """
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path}: not a directory")
+    raise InputNotFound(f"{path}: not a directory")
   config = Qwen2_5_VLConfig.from_pretrained_dir(path)
   opts = resolve_options(dtype, param_dtype, opts)
   table = _open_tensors(path)

@@ -3,11 +3,13 @@
 Writes config.json (original flat layout + text_config), safetensors in HF layout (one
 `model.safetensors`, or `model-0000i-of-0000n.safetensors` shards with
 `model.safetensors.index.json` above `max_shard_size`), generation_config.json, and copies the
-tokenizer / processor files of the source directory. Shards are written one at a time, so
-the host holds at most one shard of tensors.
+tokenizer / processor files of the source directory; `processor=ProcessorSettings(...)` then
+writes the pixel and frame settings the model was trained with into the processor files.
+Shards are written one at a time, so the host holds at most one shard of tensors.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -29,6 +31,67 @@ CARRIED_FILES = (
 _TORCH_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessorSettings:
+  """What the exported processor files must say so that transformers / vLLM preprocess as
+  in training: per-frame pixel bounds (Qwen's smart resize; `size.shortest_edge` /
+  `size.longest_edge` are what transformers>=4.5x reads, `min_pixels` / `max_pixels` what
+  older versions and vLLM read), and for videos the frame bounds and rate of its
+  `sample_frames` (`do_sample_frames` only when training sampled by Qwen's fps rule; with
+  the release's rule the caller passes the frames it sampled)."""
+  min_pixels: int
+  max_pixels: int
+  max_frames: int
+  min_frames: int = 4
+  fps: float = 2.0
+  sample_frames: bool = False
+
+  @classmethod
+  def from_pipeline(cls, options) -> "ProcessorSettings":
+    """From the data pipeline's options (`data.pipeline.PipelineOptions`: min_pixels,
+    max_pixels, max_frames, min_frames, fps, sampling)."""
+    return cls(min_pixels=options.min_pixels, max_pixels=options.max_pixels,
+               max_frames=options.max_frames, min_frames=options.min_frames, fps=options.fps,
+               sample_frames=options.sampling == "fps")
+
+  def update(self, name: str, cfg: dict) -> dict:
+    """`cfg` (the content of processor file `name`) with these settings written in."""
+    out = dict(cfg)
+    out.update(min_pixels=int(self.min_pixels), max_pixels=int(self.max_pixels))
+    size = dict(out.get("size") or {})
+    size.pop("min_pixels", None), size.pop("max_pixels", None)
+    size.update(shortest_edge=int(self.min_pixels), longest_edge=int(self.max_pixels))
+    out["size"] = size
+    if name == "video_preprocessor_config.json":
+      out.update(max_frames=int(self.max_frames), min_frames=int(self.min_frames),
+                 fps=float(self.fps), do_sample_frames=bool(self.sample_frames))
+    return out
+
+
+def write_processor_settings(path: str, settings: ProcessorSettings) -> None:
+  """Rewrites the processor files under `path` (those present; the image one is created
+  from Qwen's defaults when absent) with `settings`."""
+  for name in PROCESSOR_FILES:
+    f = os.path.join(path, name)
+    if os.path.isfile(f):
+      with open(f) as fh:
+        cfg = json.load(fh)
+    elif name == "preprocessor_config.json":
+      cfg = {"image_processor_type": "Qwen2VLImageProcessor",
+             "processor_class": "Qwen2_5_VLProcessor", "patch_size": 14,
+             "temporal_patch_size": 2, "merge_size": 2,
+             "image_mean": [0.48145466, 0.4578275, 0.40821073],
+             "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    else:
+      continue  # transformers derives the video processor from the image one
+    with open(f, "w") as fh:
+      json.dump(settings.update(name, cfg), fh, indent=2, sort_keys=True)
+      fh.write("\n")
 
 
 def parse_size(size: int | str) -> int:
@@ -64,7 +127,8 @@ def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
 
 
 def save_pretrained(model, path: str, *, max_shard_size: int | str = "5GB", dtype: Any = None,
-                    source_dir: str | None = None) -> str:
+                    source_dir: str | None = None,
+                    processor: ProcessorSettings | None = None) -> str:
   """Writes `model` as a Hugging Face Qwen2.5-VL directory; returns `path`.
 
   Args:
@@ -74,6 +138,8 @@ def save_pretrained(model, path: str, *, max_shard_size: int | str = "5GB", dtyp
     dtype: storage dtype of the tensors (default: the parameters' dtype).
     source_dir: where to copy tokenizer / processor / generation files from (default: the
       directory `from_pretrained` loaded the model from, `model.hf_source_dir`).
+    processor: the pixel / frame settings of training, written into the processor files
+      (default: the source's files are copied unchanged).
   """
   max_bytes = parse_size(max_shard_size)
   params = hf_io.param_items(model)
@@ -113,6 +179,8 @@ def save_pretrained(model, path: str, *, max_shard_size: int | str = "5GB", dtyp
     for name in CARRIED_FILES:
       if os.path.isfile(os.path.join(source, name)):
         shutil.copyfile(os.path.join(source, name), os.path.join(path, name))
+  if processor is not None:
+    write_processor_settings(path, processor)
   gen = os.path.join(path, "generation_config.json")
   if not os.path.isfile(gen):
     cfg = model.config

@@ -39,7 +39,7 @@ class Rollout:
     [Np_i, patch_dim], video_grid_thw [1, 3], second_per_grid_ts [1], label, item_id.
   tokens [N*G, L] int32 (pad after a row stops), logprobs [N*G, L] float32 (the sampler's
   raw log-probs), lengths [N*G] int32 (stop token included), texts: N*G decoded responses,
-  truncated [N*G] bool (no stop token within L)."""
+  truncated [N*G] bool (no stop token within L, or cut before a vision placeholder token)."""
   prompts: list[dict[str, Any]]
   group_size: int
   tokens: np.ndarray
@@ -172,9 +172,19 @@ def generate(model, batch: dict[str, Any], *, key: jax.Array, group_size: int,
       (out.tokens, out.logprobs, out.lengths)))
   prompts = split_prompts(batch)
   keep = len(prompts) * group_size  # rows of dummy prompts come last: dropped
-  tokens, logprobs, lengths = tokens[:keep], logprobs[:keep], lengths[:keep]
+  tokens, logprobs, lengths = tokens[:keep].copy(), logprobs[:keep].copy(), lengths[:keep].copy()
+  # A vision placeholder token in a response (an untrained policy can emit one) would claim
+  # video features that do not exist in the learner's forward: the response ends before it.
+  c = model.config
+  vision_ids = [c.image_token_id, c.video_token_id, c.vision_start_token_id,
+                c.vision_end_token_id]
+  pos = np.arange(tokens.shape[1])
+  bad = np.isin(tokens, vision_ids) & (pos < lengths[:, None])
+  for r in np.flatnonzero(bad.any(1)):
+    cut = int(np.argmax(bad[r]))
+    tokens[r, cut:], logprobs[r, cut:], lengths[r] = chat.pad_id(tokenizer), 0.0, cut
   last = tokens[np.arange(keep), np.maximum(lengths - 1, 0)]
-  truncated = (lengths >= max_new_tokens) & ~np.isin(last, stops)
+  truncated = ((lengths >= max_new_tokens) & ~np.isin(last, stops)) | bad.any(1)
   texts = [chat.decode_response(tokenizer, tokens[r, :lengths[r]]) for r in range(keep)]
   return Rollout(prompts=prompts, group_size=group_size, tokens=tokens, logprobs=logprobs,
                  lengths=lengths, texts=texts, truncated=truncated)

@@ -1,0 +1,30 @@
+"""Errors the user can act on (a wrong config value, a missing or empty input file).
+
+Library code raises a `UserError` subclass for a mistake in the configuration or the inputs
+(never for a bug); `main` prints such an error as one line, `error: <message>`, without a
+traceback (`--traceback` shows it). Each message names the key, file or item and the reason.
+The subclasses also derive from the built-in type a caller would expect (`ValueError`,
+`FileNotFoundError`), so `except ValueError` around library calls keeps working.
+Bad data records have their own type, `data.errors.BadSample`, which `main` treats the same.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+  """A mistake in the configuration or inputs; `str(e)` says what and how to fix it."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config value that cannot be used (names the key, the value and the reason)."""
+
+
+class InputNotFound(UserError, FileNotFoundError):
+  """A configured path that does not exist or lacks a required file (names the key and path)."""
+
+
+class InputError(UserError, ValueError):
+  """An input file that exists but cannot be used (empty, wrong format; names the file)."""
+
+
+class WorkdirConflict(UserError):
+  """The workdir holds a run made under a different config (see `deepintuit_jax.workdir`)."""
