@@ -45,7 +45,7 @@ class TwoStageConfig:
   """batch_size: items per sampler / calibrator batch; max_new_tokens, temperature, seed: the
   policy's trace sampling; prompt: the meta-review prompt (full, or compact for tiny
   models; must match what the calibrator was trained on); priority: the tie-break order
-  (None = class order); dtype: compute dtype of both models."""
+  (None = class order); dtype: compute dtype of both models; tokens: the added-token mode."""
   batch_size: int = 8
   max_new_tokens: int = 2048
   temperature: float = 0.01
@@ -53,6 +53,7 @@ class TwoStageConfig:
   prompt: str = "full"
   priority: tuple[str, ...] | None = None
   dtype: Any = jnp.bfloat16
+  tokens: str = "added"  # data.special_tokens: how labels and tags are added tokens
 
   def __post_init__(self):
     if self.prompt not in PROMPTS:
@@ -65,16 +66,18 @@ class TwoStageConfig:
                                  temperature=self.temperature, seed=self.seed)
 
 
-def load_model(path: str, labels: Sequence[str], *, dtype=jnp.bfloat16, mesh=None, seed: int = 0):
-  """(model, tokenizer) of an HF directory, with the labels and tags as added tokens (a
-  no-op for our exports, which carry them; a stock checkpoint grows normal-initialised rows)."""
+def load_model(path: str, labels: Sequence[str], *, dtype=jnp.bfloat16, mesh=None,
+               seed: int = 0, tokens: str = "added"):
+  """(model, tokenizer) of an HF directory, with the labels and tags as atomic tokens
+  (`tokens`: data.special_tokens' mode; a no-op for our exports, which carry them; a stock
+  checkpoint grows normal-initialised rows)."""
   from transformers import AutoTokenizer
 
   from deepintuit_jax.models import qwen2_5_vl
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"{path!r} is not an HF model directory (no config.json)")
   tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-  chat.add_special_tokens(tokenizer, labels)
+  chat.add_tokens_for_mode(tokenizer, labels, tokens)
   model = qwen2_5_vl.from_pretrained(path, dtype=dtype, mesh=mesh)
   need = chat.required_vocab_size(tokenizer)
   if need > model.config.text.vocab_size:
@@ -158,7 +161,8 @@ class Calibrator:
   or a hidden-state head (a directory with `head.safetensors` and `calibrator.json` naming
   its frozen backbone). `scores(records)` -> {example id: probabilities [C]} over `labels`."""
 
-  def __init__(self, path: str, labels: Sequence[str], *, dtype=jnp.bfloat16, mesh=None):
+  def __init__(self, path: str, labels: Sequence[str], *, dtype=jnp.bfloat16, mesh=None,
+               tokens: str = "added"):
     self.meta = calibrate.read_meta(path)
     self.head, self.labels = self.meta["head"], list(labels)
     trained = self.meta.get("classes") or self.labels
@@ -170,7 +174,8 @@ class Calibrator:
     self.columns = (np.arange(len(self.labels)) if self.head == "label_token"
                     else np.asarray([trained.index(c) for c in self.labels]))
     backbone = path if self.head == "label_token" else self.meta["backbone"]
-    vlm, self.tokenizer = load_model(backbone, self.labels, dtype=dtype, mesh=mesh)
+    vlm, self.tokenizer = load_model(backbone, self.labels, dtype=dtype, mesh=mesh,
+                                     tokens=tokens)
     self.model = vlm if self.head == "label_token" else calibrate.HeadCalibrator(
         vlm, calibrate.load_head(path))
     self.label_ids = np.asarray(chat.label_token_ids(self.tokenizer, self.labels), np.int32)
@@ -257,13 +262,13 @@ def two_stage(policy: str, calibrator: str, records: Sequence[Any] | str, *,
   options = dataclasses.replace(options, labels=None, shuffle=False)
   os.makedirs(out_dir, exist_ok=True)
   trace_path = os.path.join(out_dir, "traces.jsonl")
-  model, tokenizer = load_model(policy, labels, dtype=cfg.dtype, mesh=mesh)
+  model, tokenizer = load_model(policy, labels, dtype=cfg.dtype, mesh=mesh, tokens=cfg.tokens)
   write_traces(model, tokenizer, records, trace_path, options=options, cfg=cfg.sampling())
   del model
   rows_t = traces.read_traces(trace_path)
   meta = meta_review_records(records, rows_t, classes, os.path.join(out_dir, "calibration.json"),
                              prompt=cfg.prompt, priority=cfg.priority)
-  cal = Calibrator(calibrator, labels, dtype=cfg.dtype, mesh=mesh)
+  cal = Calibrator(calibrator, labels, dtype=cfg.dtype, mesh=mesh, tokens=cfg.tokens)
   rows = calibrated_rows(records, rows_t, cal.scores(meta, options=options,
                                                      batch_size=cfg.batch_size), labels)
   write_rows(os.path.join(out_dir, "predictions.jsonl"), rows)

@@ -161,7 +161,7 @@ def check_targets(batch: dict, label_ids: Sequence[int]) -> None:
       raise ValueError(
           f"calibration example {item!r}: the assistant turn must be exactly one label token "
           f"(got {len(where)} target token(s)); labels must be added tokens "
-          "(data.special_tokens=True) and the assistant content the bare label")
+          "(data.special_tokens added or special) and the assistant content the bare label")
 
 
 def save_head(out: str, head: ClassifierHead, *, classes: Sequence[str], backbone: str,

@@ -143,7 +143,7 @@ def run(cfg: CalibrateRun, *, workdir: str, mesh) -> dict[str, Any]:
         micro.append(step_fn.place(sft.device_batch(b)))
       yield tuple(micro), tokens * procs, loader.get_state()
 
-  writer = loop.MetricsWriter(workdir)
+  writer = loop.MetricsWriter(workdir, resume_step=int(state.step), final_step=total)
   ahead = cfg.data.prefetch_steps if procs == 1 else 0
   batches = loop.Prefetcher(micro_batches(), size=ahead, initial_state=loader.get_state())
   try:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 
+from deepintuit_jax import preflight
 from deepintuit_jax.evals import results as results_lib
 
 DONE = "stage_done.json"
@@ -115,6 +116,7 @@ def run(c, *, workdir: str, mesh, stages: Mapping[str, Callable]) -> dict[str, A
     stage = stages[sub.stage]()
     print(f"[chain] step {name} (stage {sub.stage}) in {sub_dir}", flush=True)
     t0 = time.perf_counter()
+    preflight.check_config(sub)  # the checks main runs on a stage's own config
     cfg = stage.from_config(sub)
     os.makedirs(sub_dir, exist_ok=True)
     if is_main:

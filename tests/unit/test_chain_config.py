@@ -2,6 +2,8 @@
 copied into every step, each step pointed at the previous steps' outputs."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from configs import deepintuit
@@ -63,3 +65,20 @@ def test_shared_keys_reach_every_step_and_stay_locked():
       sub.not_a_key = 1
   assert chain.step_config(c, "sft", steps, "/w").data.train_file == "/d/coldstart.json"
   assert chain.step_config(c, "traces", steps, "/w").data.train_file == ""
+
+
+def test_a_failed_chain_keeps_its_finished_steps(tmp_path):
+  from deepintuit_jax import workdir as wd
+  fresh = str(tmp_path / "chain")
+  with pytest.raises(RuntimeError):
+    with wd.Guard(fresh):
+      os.makedirs(os.path.join(fresh, "sft", "checkpoints", "185"))  # a finished step
+      os.makedirs(os.path.join(fresh, "traces"))
+      raise RuntimeError("a later step fails")
+  assert os.path.isdir(os.path.join(fresh, "sft", "checkpoints", "185"))
+  other = str(tmp_path / "other")
+  with pytest.raises(RuntimeError):
+    with wd.Guard(other):
+      os.makedirs(os.path.join(other, "traces"))
+      raise RuntimeError("fails before any checkpoint")
+  assert not os.path.exists(other)
