@@ -66,8 +66,33 @@ def _grpo() -> Stage:
   return Stage(grpo_stage.from_config, grpo_stage.run)
 
 
+def _traces() -> Stage:
+  from deepintuit_jax.trainers import traces_stage
+  return Stage(traces_stage.from_config, traces_stage.run)
+
+
+def _calibrate() -> Stage:
+  from deepintuit_jax.trainers import calibrate_stage
+  return Stage(calibrate_stage.from_config, calibrate_stage.run)
+
+
+def _infer() -> Stage:
+  from deepintuit_jax.trainers import infer_stage
+  return Stage(infer_stage.from_config, infer_stage.run)
+
+
+def _deepintuit() -> Stage:  # the whole chain; it runs the stages registered here
+  import functools
+  from deepintuit_jax.trainers import chain
+  return Stage(chain.from_config, functools.partial(chain.run, stages=_STAGES))
+
+
 register_stage("sft", _sft)
 register_stage("grpo", _grpo)
+register_stage("traces", _traces)
+register_stage("calibrate", _calibrate)
+register_stage("infer", _infer)
+register_stage("deepintuit", _deepintuit)
 
 
 def _imitation() -> Stage:

@@ -88,6 +88,15 @@ def latest_checkpoint_step(workdir: str) -> int | None:
   return max(steps) if steps else None
 
 
+def holds_results(workdir: str) -> bool:
+  """A complete checkpoint in the workdir or in one of its sub-workdirs (the steps of a
+  chain, configs/deepintuit.py): then a failed run must not remove anything."""
+  if latest_checkpoint_step(workdir) is not None:
+    return True
+  subs = os.listdir(workdir) if os.path.isdir(workdir) else []
+  return any(latest_checkpoint_step(os.path.join(workdir, d)) is not None for d in subs)
+
+
 def _read_json(path: str) -> Any:
   return json.loads(paths.read_text(path))
 
@@ -264,7 +273,7 @@ class Guard:
     return self
 
   def __exit__(self, exc_type, exc, tb) -> bool:
-    if exc_type is None or not self.enabled or latest_checkpoint_step(self.workdir) is not None:
+    if exc_type is None or not self.enabled or holds_results(self.workdir):
       return False
     root = paths.as_path(self.workdir)
     if not self._existed:
