@@ -1,7 +1,7 @@
 """Builds the tiny base: pretrains a tiny Qwen2.5-VL on the described-clips corpus.
 
     python scripts/build_tiny_base.py --out deepintuit_jax/assets/tiny_base [--seed 0]
-        [--num_clips 4000] [--steps 1500] [--batch 8] [--lr 3e-3] [--corpus DIR]
+        [--num_clips 4000] [--steps 750] [--batch 8] [--lr 3e-3] [--corpus DIR]
 
 Steps: generate the corpus (`data/pretrain_corpus.py`) into --corpus (default: a folder in
 the cache, reused when complete); write a random HF checkpoint of `tiny_base.base_config()`
@@ -84,10 +84,26 @@ def heldout_eval(graphdef, state, records, *, tokenizer, model_config, options, 
           for k, v in sorted(by_req.items())}
 
 
+def vision_stats(model, records, *, tokenizer, options, n: int = 8) -> dict:
+  """How much the merged vision tokens differ from each other: the norm of their mean
+  vector against the mean over dims of their std (across the tokens of `n` clips). A mean
+  far above the spread means every video token looks alike to the decoder (in bf16 the
+  spread is then near rounding level): the tower has collapsed to a constant."""
+  import jax.numpy as jnp
+  b = next(iter(pipeline.make_eval_batches(records[:n], tokenizer=tokenizer,
+                                           model_config=model.config, options=options,
+                                           batch_size=n, for_generation=False)))
+  feats = np.asarray(model.visual(jnp.asarray(b["pixel_values_videos"]), b["video_layout"]),
+                     np.float32)[np.asarray(b["video_layout"].merged_valid).astype(bool)]
+  return dict(mean_norm=float(np.linalg.norm(feats.mean(0))),
+              token_std=float(feats.std(0).mean()),
+              token_norm=float(np.linalg.norm(feats, axis=1).mean()))
+
+
 def build(out: str, *, seed: int = 0, num_clips: int = 4000, num_heldout: int = 180,
-          steps: int = 1500, batch: int = 8, lr: float = 3e-3, corpus_dir: str = "",
+          steps: int = 750, batch: int = 8, lr: float = 3e-3, corpus_dir: str = "",
           config=None, min_pixels: int = 3136, eval_every: int = 0,
-          compute_dtype: str = "float32", dtype: str = "bfloat16") -> dict:
+          compute_dtype: str = "bfloat16", dtype: str = "bfloat16") -> dict:
   """Pretrains and writes the HF directory `out`; returns build_info (also in the dir)."""
   import jax
   import jax.numpy as jnp
@@ -157,6 +173,9 @@ def build(out: str, *, seed: int = 0, num_clips: int = 4000, num_heldout: int = 
   evals.append(dict(step=steps, **_eval_row(graphdef, state, heldout, tokenizer, model_config,
                                             options)))
   model = sft.trainable_model(graphdef, state)
+  stats = vision_stats(model, heldout, tokenizer=tokenizer, options=options)
+  print(f"vision tokens: mean-vector norm {stats['mean_norm']:.2f}, per-dim std across tokens "
+        f"{stats['token_std']:.3f}", flush=True)
   tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   qwen2_5_vl.save_pretrained(model, tmp, dtype=getattr(jnp, dtype), source_dir=init_dir)
@@ -164,9 +183,10 @@ def build(out: str, *, seed: int = 0, num_clips: int = 4000, num_heldout: int = 
                                      num_heldout=num_heldout, pools=pretrain_corpus.POOLS,
                                      motions=list(pretrain_corpus.MOTIONS)),
               steps=steps, batch=batch, lr=lr, min_pixels=min_pixels, frames=FRAMES,
-              max_pixels=MAX_PIXELS, dtype=dtype, compute_dtype=compute_dtype, final_loss=float(np.mean(losses[-25:])),
-              heldout=evals, seconds=dict(corpus=round(t_corpus, 1), train=round(t_train, 1),
-                                          total=round(time.time() - t0, 1)))
+              max_pixels=MAX_PIXELS, dtype=dtype, compute_dtype=compute_dtype,
+              final_loss=float(np.mean(losses[-25:])), heldout=evals, vision_tokens=stats,
+              seconds=dict(corpus=round(t_corpus, 1), train=round(t_train, 1),
+                           total=round(time.time() - t0, 1)))
   with open(os.path.join(tmp, "build_info.json"), "w") as f:
     json.dump(info, f, indent=1, sort_keys=True)
     f.write("\n")
@@ -192,18 +212,20 @@ def main(argv=None) -> None:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--num_clips", type=int, default=4000)
   ap.add_argument("--num_heldout", type=int, default=180)
-  ap.add_argument("--steps", type=int, default=1500)
+  ap.add_argument("--steps", type=int, default=750)
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--lr", type=float, default=3e-3)
   ap.add_argument("--min_pixels", type=int, default=3136)
   ap.add_argument("--eval_every", type=int, default=0)
+  ap.add_argument("--compute_dtype", default="bfloat16", help="bfloat16 | float32")
   ap.add_argument("--corpus", default="", help="corpus folder (default: in the cache)")
   ap.add_argument("--config", default="base", help="base | tiny (testing.tiny_config)")
   a = ap.parse_args(argv)
   config = tiny_base.base_config() if a.config == "base" else testing.tiny_config()
   info = build(a.out, seed=a.seed, num_clips=a.num_clips, num_heldout=a.num_heldout,
                steps=a.steps, batch=a.batch, lr=a.lr, corpus_dir=a.corpus, config=config,
-               min_pixels=a.min_pixels, eval_every=a.eval_every)
+               min_pixels=a.min_pixels, eval_every=a.eval_every,
+               compute_dtype=a.compute_dtype)
   print(json.dumps({k: info[k] for k in ("final_loss", "seconds")}))
 
 

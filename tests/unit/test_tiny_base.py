@@ -34,6 +34,7 @@ def test_base_config_rotates_height_and_width():
   assert inv[sum(tiny.mrope_section[:2])] < 1e-3
 
 
+@pytest.mark.slow  # ~30-80 s on 2 shared cores: compiles a train step and a forward
 def test_builder_reduced_budget_writes_a_loadable_base(tmp_path):
   from transformers import AutoTokenizer
   from deepintuit_jax.models import qwen2_5_vl
@@ -44,6 +45,7 @@ def test_builder_reduced_budget_writes_a_loadable_base(tmp_path):
   assert np.isfinite(info["final_loss"]) and info["steps"] == 2
   assert set(info["heldout"][-1]) == {"step", "direction", "end", "describe"}
   assert json.load(open(os.path.join(out, "build_info.json")))["seed"] == 1
+  assert info["vision_tokens"]["token_std"] > 0
   assert tiny_base.is_complete(out)
   model = qwen2_5_vl.from_pretrained(out)
   assert model.config.text.hidden_size == testing.tiny_config().text.hidden_size
