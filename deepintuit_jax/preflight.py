@@ -22,7 +22,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.micro_batch_size": (lambda v: v >= 0, ">= 0 (0 = no accumulation)"),
     "train.learning_rate": (lambda v: v == -1 or v > 0, "> 0, or -1 (by recipe)"),
     "train.warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "train.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "train.weight_decay": (lambda v: v == -1 or v >= 0, ">= 0, or -1 (by recipe)"),
     "train.grad_clip": (lambda v: v >= 0, ">= 0 (0 = off)"),
     "train.log_every": (lambda v: v >= 1, ">= 1"),
     "train.loss_chunk": (lambda v: v >= 0, ">= 0 (0 = unchunked)"),
