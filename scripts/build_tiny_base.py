@@ -6,7 +6,7 @@
 Steps: generate the corpus (`data/pretrain_corpus.py`) into --corpus (default: a folder in
 the cache, reused when complete); write a random HF checkpoint of `tiny_base.base_config()`
 with the tiny tokenizer (`testing.write_tiny_checkpoint`); train it with the SFT pieces
-(`pipeline.make_train_loader`, `sft.init_state`, `sft.make_train_step`,
+(`pipeline.make_train_loader`, `state.init_state`, `sft.make_train_step`,
 `optim.make_optimizer`: next-token loss on the answers given the video, everything
 trainable); measure it on the held-out clips (teacher-forced answer accuracy per request);
 write the HF directory (bf16 safetensors + tokenizer + configs) and `build_info.json`.
@@ -55,12 +55,12 @@ def heldout_eval(graphdef, state, records, *, tokenizer, model_config, options, 
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from deepintuit_jax.trainers import sft
+  from deepintuit_jax.trainers import logprobs, sft
 
   @jax.jit
   def correct(params, frozen, rest, b):
     model = nnx.merge(graphdef, params, frozen, rest)
-    logits = model(**sft.model_inputs(b)).logits
+    logits = model(**logprobs.model_inputs(b)).logits
     hit = jnp.argmax(logits[:, :-1], -1) == b["input_ids"][:, 1:]
     return hit, b["loss_mask"][:, :-1]
 
@@ -111,6 +111,7 @@ def build(out: str, *, seed: int = 0, num_clips: int = 4000, num_heldout: int = 
   from deepintuit_jax.models import qwen2_5_vl
   from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions
   from deepintuit_jax.trainers import loop, optim, sft
+  from deepintuit_jax.trainers import state as train_state
 
   t0 = time.time()
   corpus_dir = corpus_dir or os.path.join(
@@ -132,17 +133,17 @@ def build(out: str, *, seed: int = 0, num_clips: int = 4000, num_heldout: int = 
   options = pipeline.PipelineOptions(video_root=root, max_frames=FRAMES, max_pixels=MAX_PIXELS,
                                      min_pixels=min_pixels, seed=seed,
                                      length_buckets=(64, 96, 128, 192, 256))
-  groups = sft.local_data_groups(mesh)
+  groups = sharding.local_data_groups(mesh)
   if batch % groups:
     groups = 1
   loader = pipeline.make_train_loader(records, tokenizer=tokenizer, model_config=model.config,
                                       options=options, batch_size=batch, groups=groups)
   ocfg = optim.OptimConfig(learning_rate=lr, warmup_ratio=0.05, weight_decay=0.01)
   tx = optim.make_optimizer(ocfg, steps)
-  graphdef, state = sft.init_state(model, tx, (), seed)
+  graphdef, state = train_state.init_state(model, tx, (), seed)
   model_config = model.config
   del model
-  shardings = sft.state_shardings(state, mesh)
+  shardings = train_state.state_shardings(state, mesh)
   state = jax.device_put(state, shardings)
   step_fn = sft.make_train_step(graphdef, tx, optim.schedule(ocfg, steps), mesh=mesh,
                                 state_sharding=shardings)
@@ -172,7 +173,7 @@ def build(out: str, *, seed: int = 0, num_clips: int = 4000, num_heldout: int = 
   t_train = time.time() - t1
   evals.append(dict(step=steps, **_eval_row(graphdef, state, heldout, tokenizer, model_config,
                                             options)))
-  model = sft.trainable_model(graphdef, state)
+  model = train_state.trainable_model(graphdef, state)
   stats = vision_stats(model, heldout, tokenizer=tokenizer, options=options)
   print(f"vision tokens: mean-vector norm {stats['mean_norm']:.2f}, per-dim std across tokens "
         f"{stats['token_std']:.3f}", flush=True)
