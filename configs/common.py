@@ -35,7 +35,7 @@ def model_config() -> ml_collections.ConfigDict:
       dtype="bfloat16",   # compute dtype
       param_dtype="float32",  # master weights
       remat="none",       # none | full | dots_saveable | dots_with_no_batch_dims_saveable
-      attention_impl="",  # "" (XLA picks) | xla | cudnn
+      attention_impl="",  # "" = auto | blockwise | cudnn | pallas | reference (= xla)
   ))
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from deepintuit_jax import paths
 from deepintuit_jax.trainers.state import TrainState
 
 
@@ -52,7 +53,7 @@ class Checkpointer:
       raise ValueError(f"checkpoint.every_steps must be >= 1, got {every_steps}")
     if keep < 1:
       raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
-    self.directory = os.path.abspath(directory)
+    self.directory = os.fspath(paths.as_path(directory))  # a local path or a gs:// URL
     self.every_steps = every_steps
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
@@ -139,13 +140,13 @@ def is_checkpoint_dir(path: str) -> bool:
 
 
 def _ckpt_root(path: str) -> str:
-  sub = os.path.join(path, "checkpoints")
-  return sub if os.path.isdir(sub) else path
+  sub = paths.join(path, "checkpoints")
+  return sub if paths.as_path(sub).is_dir() else os.fspath(paths.as_path(path))
 
 
 def latest_complete_step(path: str) -> int | None:
   root = _ckpt_root(path)
-  if not os.path.isdir(root):
+  if not paths.as_path(root).is_dir():
     return None
   steps = ocp.utils.checkpoint_steps(root)  # only finalised step directories
   return max(steps) if steps else None
@@ -172,8 +173,6 @@ def load_params(path: str, state: TrainState, shardings: TrainState | None = Non
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Small helper for JSON files next to checkpoints (atomic replace)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=lambda o: np.asarray(o).tolist())
-  os.replace(tmp, path)
+  """Small helper for JSON files next to checkpoints (atomic replace; local or gs://)."""
+  paths.write_text(path, json.dumps(obj, indent=2, sort_keys=True,
+                                    default=lambda o: np.asarray(o).tolist()))

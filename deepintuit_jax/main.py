@@ -21,12 +21,13 @@ from typing import Any, Callable, NamedTuple
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deepintuit_jax import errors, interrupts, preflight, workdir as workdir_lib
+from deepintuit_jax import distributed, errors, interrupts, paths, preflight, workdir as workdir_lib
 from deepintuit_jax.data.errors import BadSample
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file [:arg]",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default runs/<config stem>)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory, local or a gs:// URL "
+                               "(default runs/<config stem>)")
 _ALLOW_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "continue the workdir's run under a config that differs "
     "from its recorded one in keys that change the numbers (logged in config_history.jsonl)")
@@ -60,7 +61,46 @@ def _sft() -> Stage:
   return Stage(sft_stage.from_config, sft_stage.run)
 
 
+def _grpo() -> Stage:
+  from deepintuit_jax.trainers import grpo_stage
+  return Stage(grpo_stage.from_config, grpo_stage.run)
+
+
+def _traces() -> Stage:
+  from deepintuit_jax.trainers import traces_stage
+  return Stage(traces_stage.from_config, traces_stage.run)
+
+
+def _calibrate() -> Stage:
+  from deepintuit_jax.trainers import calibrate_stage
+  return Stage(calibrate_stage.from_config, calibrate_stage.run)
+
+
+def _infer() -> Stage:
+  from deepintuit_jax.trainers import infer_stage
+  return Stage(infer_stage.from_config, infer_stage.run)
+
+
+def _deepintuit() -> Stage:  # the whole chain; it runs the stages registered here
+  import functools
+  from deepintuit_jax.trainers import chain
+  return Stage(chain.from_config, functools.partial(chain.run, stages=_STAGES))
+
+
 register_stage("sft", _sft)
+register_stage("grpo", _grpo)
+register_stage("traces", _traces)
+register_stage("calibrate", _calibrate)
+register_stage("infer", _infer)
+register_stage("deepintuit", _deepintuit)
+
+
+def _imitation() -> Stage:
+  from deepintuit_jax.trainers import imitation
+  return Stage(imitation.from_config, imitation.run)
+
+
+register_stage("imitation", _imitation)
 
 
 def get_stage(name: str) -> Stage:
@@ -75,15 +115,10 @@ def default_workdir(config_arg: str) -> str:
 
 
 def maybe_initialize_distributed() -> None:
-  """Multi-process JAX when launched on several hosts (SLURM, Open MPI, TPU pod, or an
-  explicit coordinator); a single process (e.g. one CPU) is left alone."""
-  import jax
-  env = os.environ
-  multi = (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-           or "JAX_COORDINATOR_ADDRESS" in env or int(env.get("JAX_NUM_PROCESSES", "1")) > 1
-           or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
-  if multi:
-    jax.distributed.initialize()
+  """Multi-process JAX when launched as one of several processes (explicit
+  JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, SLURM, Open MPI, TPU pod);
+  a single process is left alone (`deepintuit_jax.distributed`)."""
+  distributed.maybe_initialize()
 
 
 # transformers' notices that say nothing to a user of this framework (it never uses
@@ -170,7 +205,7 @@ def _workdir_or_none() -> str | None:
   if config is None:
     return None
   config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-  return os.path.abspath(_WORKDIR.value or default_workdir(config_file))
+  return os.fspath(paths.as_path(_WORKDIR.value or default_workdir(config_file)))  # or gs://
 
 
 def _from_config(stage: Stage, config) -> Any:

@@ -15,13 +15,14 @@ from deepintuit_jax.errors import ConfigError, InputNotFound
 
 # key -> (predicate, what a valid value is). -1 means "by recipe" where the config says so.
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "train.num_steps": (lambda v: v >= 0, ">= 0 (0 = train for train.epochs)"),
+    "train.num_steps": (lambda v: v == -1 or v >= 0,
+                        ">= 0 (0 = train for train.epochs), or -1 (by recipe)"),
     "train.epochs": (lambda v: v == -1 or v >= 1, ">= 1, or -1 (by recipe)"),
     "train.batch_size": (lambda v: v == -1 or v >= 1, ">= 1, or -1 (by recipe)"),
     "train.micro_batch_size": (lambda v: v >= 0, ">= 0 (0 = no accumulation)"),
     "train.learning_rate": (lambda v: v == -1 or v > 0, "> 0, or -1 (by recipe)"),
     "train.warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "train.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "train.weight_decay": (lambda v: v == -1 or v >= 0, ">= 0, or -1 (by recipe)"),
     "train.grad_clip": (lambda v: v >= 0, ">= 0 (0 = off)"),
     "train.log_every": (lambda v: v >= 1, ">= 1"),
     "train.loss_chunk": (lambda v: v >= 0, ">= 0 (0 = unchunked)"),
@@ -41,6 +42,12 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.synthetic_train": (lambda v: v >= 1, ">= 1"),
     "data.synthetic_test": (lambda v: v >= 1, ">= 1"),
 }
+
+
+# What to run first when a stage's init_from (an earlier stage's result) is missing.
+_INIT_FROM_HINTS = {"grpo": "; GRPO starts from the SFT stage's result: run `python -m "
+                            "deepintuit_jax.main --config=configs/sft.py` first (or set "
+                            "--config.init_from to an SFT workdir, an HF directory, or none)"}
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
@@ -83,10 +90,12 @@ def check_config(config) -> None:
     from deepintuit_jax.models.qwen2_5_vl.hf_load import check_model_dir
     check_model_dir(checkpoint, key="model.checkpoint")
   init_from = _get(config, "init_from")
-  if init_from:
+  # "none": start from model.checkpoint; a gs:// Orbax checkpoint is checked by stage.prepare
+  if init_from and init_from != "none" and "://" not in init_from:
     if not os.path.exists(init_from):
       raise InputNotFound(f"init_from={init_from!r}: no such directory (an HF model "
-                          "directory or another stage's workdir / checkpoints)")
+                          "directory or another stage's workdir / checkpoints)"
+                          + _INIT_FROM_HINTS.get(_get(config, "stage"), ""))
     if os.path.isfile(os.path.join(init_from, "config.json")):
       from deepintuit_jax.models.qwen2_5_vl.hf_load import check_model_dir
       check_model_dir(init_from, key="init_from")

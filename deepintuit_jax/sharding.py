@@ -140,12 +140,20 @@ def local_data_groups(mesh: Mesh) -> int:
 
 
 def is_grouped(batch: dict) -> bool:
-  """A grouped batch has `input_ids [G, b, T]`; an un-grouped one `[B, T]`."""
+  """A grouped batch has `input_ids [G, b, T]`; an un-grouped one `[B, T]`. A batch without
+  token ids (e.g. the video classifier's, trainers/imitation.py) always has the group axis."""
+  if "input_ids" not in batch:
+    return True
   ndim = np.ndim(batch["input_ids"])
   if ndim not in (2, 3):
     raise ValueError(f"input_ids must be [B, T] or [G, b, T], got shape "
                      f"{np.shape(batch['input_ids'])}")
   return ndim == 3
+
+
+def group_count(batch: dict) -> int:
+  """G of a grouped batch: the leading axis all its arrays share."""
+  return int(np.shape(jax.tree.leaves(batch)[0])[0])
 
 
 def as_groups(batch: dict) -> dict:
@@ -166,8 +174,7 @@ def batch_shardings(batch: dict, mesh: Mesh, num_groups: int | None = None,
   divides, the SHARED_KEYS (vision inputs) are replicated, and any other key is an error
   (a per-row array missing from the table would silently be replicated)."""
   row_axes = ROW_AXES if row_axes is None else row_axes
-  g = num_groups if num_groups is not None else (
-      np.shape(batch["input_ids"])[0] * jax.process_count())
+  g = num_groups if num_groups is not None else group_count(batch) * jax.process_count()
   if g % data_parallel_size(mesh) == 0:
     def by_group(x):
       shape = (g,) + np.shape(x)[1:]
@@ -197,7 +204,7 @@ def place_batch(batch: dict, mesh: Mesh, row_axes: dict[str, int] | None = None)
   process this is a plain placement). Several processes need the group axis sharded (the
   data-parallel size must divide the global G)."""
   pc = jax.process_count()
-  g = np.shape(batch["input_ids"])[0] * pc
+  g = group_count(batch) * pc
   if pc > 1 and g % data_parallel_size(mesh):
     raise ValueError(f"{g} global batch groups do not divide over the data-parallel size "
                      f"{data_parallel_size(mesh)} of mesh {dict(mesh.shape)}: with several "

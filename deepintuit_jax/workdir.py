@@ -13,17 +13,18 @@
 - `truncate_metrics` drops, once at restart, the metric rows a resumed run will write again.
 - `Guard` removes what a run created when it fails before its first checkpoint (it never
   deletes what was in the workdir before).
+A workdir may be a local directory or a `gs://` URL: files go through `deepintuit_jax.paths`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Any, Callable
 
+from deepintuit_jax import paths
 from deepintuit_jax.errors import WorkdirConflict
 
 RUN_CONFIG = "run_config.json"
@@ -80,25 +81,32 @@ def diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
 def latest_checkpoint_step(workdir: str) -> int | None:
   """The latest finalised checkpoint step under `<workdir>/checkpoints` (Orbax renames a
   step directory to its bare number only once the save is complete)."""
-  root = os.path.join(workdir, CHECKPOINTS)
-  if not os.path.isdir(root):
+  root = paths.as_path(workdir) / CHECKPOINTS
+  if not root.is_dir():
     return None
-  steps = [int(n) for n in os.listdir(root)
-           if n.isdigit() and os.path.isdir(os.path.join(root, n))]
+  steps = [int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()]
   return max(steps) if steps else None
 
 
+def holds_results(workdir: str) -> bool:
+  """A complete checkpoint in the workdir or in one of its sub-workdirs (the steps of a
+  chain, configs/deepintuit.py): then a failed run must not remove anything."""
+  if latest_checkpoint_step(workdir) is not None:
+    return True
+  subs = os.listdir(workdir) if os.path.isdir(workdir) else []
+  return any(latest_checkpoint_step(os.path.join(workdir, d)) is not None for d in subs)
+
+
 def _read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 def _write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    f.write("\n")
-  os.replace(tmp, path)
+  paths.write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _isfile(path: str) -> bool:
+  return paths.as_path(path).is_file()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,10 +133,10 @@ def check(workdir: str, config: dict, *, allow_change: bool = False) -> Plan:
       message lists each key, old -> new, and the two ways out), or the recorded config is
       unreadable.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = os.fspath(paths.as_path(workdir))
   ckpt = latest_checkpoint_step(workdir)
-  recorded = os.path.join(workdir, RUN_CONFIG)
-  if not os.path.isfile(recorded):
+  recorded = paths.join(workdir, RUN_CONFIG)
+  if not _isfile(recorded):
     return Plan(workdir, True, {}, (), ckpt, None)
   try:
     old = _read_json(recorded)
@@ -143,11 +151,11 @@ def check(workdir: str, config: dict, *, allow_change: bool = False) -> Plan:
         f"workdir {workdir} holds a run made with a different config ({held}); these keys "
         f"differ (recorded -> now):\n{_format_changes(changes, blocking)}\n"
         "Either use a new --workdir for the new config, or pass --allow_config_change to "
-        f"continue this run under it (logged in {os.path.join(workdir, HISTORY)}).")
+        f"continue this run under it (logged in {paths.join(workdir, HISTORY)}).")
   finished = None
-  if not blocking and os.path.isfile(os.path.join(workdir, FINISHED)):
+  if not blocking and _isfile(paths.join(workdir, FINISHED)):
     try:
-      step = int(_read_json(os.path.join(workdir, FINISHED))["step"])
+      step = int(_read_json(paths.join(workdir, FINISHED))["step"])
     except (OSError, ValueError, KeyError, TypeError):
       step = None
     finished = step if step is not None and step == ckpt else None
@@ -170,10 +178,9 @@ def describe(plan: Plan) -> str:
 
 
 def _write_recorded(workdir: str, config: dict, resolved: str | None) -> None:
-  _write_json(os.path.join(workdir, RUN_CONFIG), plain(config))
+  _write_json(paths.join(workdir, RUN_CONFIG), plain(config))
   if resolved is not None:
-    with open(os.path.join(workdir, RESOLVED), "w") as f:
-      f.write(resolved + "\n")
+    paths.write_text(paths.join(workdir, RESOLVED), resolved + "\n")
 
 
 def record(plan: Plan, config: dict, argv: list[str] | None = None, *,
@@ -188,8 +195,8 @@ def record(plan: Plan, config: dict, argv: list[str] | None = None, *,
              "changes": {k: list(v) for k, v in plan.changes.items()},
              "allowed_by": {k: "--allow_config_change" if k in plan.overridden
                             else "ALLOWED_CHANGES" for k in plan.changes}}
-    with open(os.path.join(plan.workdir, HISTORY), "a") as f:
-      f.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
+    paths.append_line(paths.join(plan.workdir, HISTORY),
+                      json.dumps(entry, sort_keys=True, default=str))
 
 
 def commit(plan: Plan, config: dict, *, resolved: str | None = None) -> None:
@@ -200,12 +207,13 @@ def commit(plan: Plan, config: dict, *, resolved: str | None = None) -> None:
 
 
 def mark_finished(workdir: str, step: int) -> None:
-  _write_json(os.path.join(workdir, FINISHED),
+  _write_json(paths.join(workdir, FINISHED),
               {"step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def finished_message(plan: Plan) -> str:
-  outputs = [n for n in ("eval_report.md", "hf") if os.path.exists(os.path.join(plan.workdir, n))]
+  outputs = [n for n in ("eval_report.md", "hf")
+             if paths.as_path(plan.workdir).joinpath(n).exists()]
   return (f"workdir {plan.workdir}: this run is finished (step {plan.finished_step}"
           f"{'; ' + ', '.join(outputs) + ' written' if outputs else ''}); nothing to do. "
           "Pass --rerun_eval to evaluate and export it again, or use a new --workdir for a "
@@ -224,26 +232,22 @@ def truncate_metrics(path: str, restored_step: int, *, redo_final: bool = False,
   rows past it and an unreadable (half-written) line; with `redo_final` (it resumes at its
   last step, so evaluates and exports again) also the `final_output` rows at that step.
   Rewrites the file atomically, only when something is dropped; returns the rows dropped."""
-  if not os.path.isfile(path):
+  if not _isfile(path):
     return 0
   kept, dropped = [], 0
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-        step = int(row["step"])
-      except (ValueError, KeyError, TypeError):
-        dropped += 1
-        continue
-      if step > restored_step or (redo_final and step == restored_step and final_output(row)):
-        dropped += 1
-        continue
-      kept.append(line if line.endswith("\n") else line + "\n")
+  for line in paths.read_text(path).splitlines(keepends=True):
+    try:
+      row = json.loads(line)
+      step = int(row["step"])
+    except (ValueError, KeyError, TypeError):
+      dropped += 1
+      continue
+    if step > restored_step or (redo_final and step == restored_step and final_output(row)):
+      dropped += 1
+      continue
+    kept.append(line if line.endswith("\n") else line + "\n")
   if dropped:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    paths.write_text(path, "".join(kept))
   return dropped
 
 
@@ -254,28 +258,28 @@ class Guard:
   0) creates nothing and removes nothing."""
 
   def __init__(self, workdir: str, *, enabled: bool = True):
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = os.fspath(paths.as_path(workdir))
     self.enabled = enabled
     self.removed = False
 
+  def _names(self) -> set[str]:
+    return {p.name for p in paths.as_path(self.workdir).iterdir()}
+
   def __enter__(self) -> "Guard":
-    self._existed = os.path.isdir(self.workdir)
-    self._before = set(os.listdir(self.workdir)) if self._existed else set()
+    self._existed = paths.as_path(self.workdir).is_dir()
+    self._before = self._names() if self._existed else set()
     if self.enabled:
-      os.makedirs(self.workdir, exist_ok=True)
+      paths.as_path(self.workdir).mkdir(parents=True, exist_ok=True)
     return self
 
   def __exit__(self, exc_type, exc, tb) -> bool:
-    if exc_type is None or not self.enabled or latest_checkpoint_step(self.workdir) is not None:
+    if exc_type is None or not self.enabled or holds_results(self.workdir):
       return False
+    root = paths.as_path(self.workdir)
     if not self._existed:
-      shutil.rmtree(self.workdir, ignore_errors=True)
+      paths.remove(root)
     else:
-      for name in set(os.listdir(self.workdir)) - self._before:
-        full = os.path.join(self.workdir, name)
-        if os.path.isdir(full) and not os.path.islink(full):
-          shutil.rmtree(full, ignore_errors=True)
-        else:
-          os.remove(full)
+      for name in self._names() - self._before:
+        paths.remove(root / name)
     self.removed = True
     return False

@@ -7,8 +7,10 @@
 #
 # `deepintuit_jax.main` sees SLURM_NTASKS > 1 and calls jax.distributed.initialize(), which
 # reads the coordinator, process count and index from SLURM. Every process must see the same
-# code, config, data files and workdir (a shared filesystem): checkpoints are written by all
-# processes together (Orbax), metrics and the HF export by process 0.
+# code, config and data files, and the same workdir (a shared filesystem or a gs:// URL):
+# checkpoints are written by all processes together (Orbax), metrics and the HF export by
+# process 0. Without SLURM: JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=N
+# JAX_PROCESS_ID=i on each process.
 #SBATCH --job-name=deepintuit
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8

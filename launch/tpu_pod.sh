@@ -5,10 +5,10 @@
 #
 # Prerequisites: the repository is checked out at the same path on every worker ($REPO,
 # default ~/deepintuit_jax) with `pip install -r requirements.txt` and jax[tpu] installed,
-# and the workdir, data and checkpoint directories are on a POSIX filesystem every worker
-# sees at the same path (NFS / Filestore, or a bucket mounted with GCS FUSE; gs:// URLs are
-# not supported as paths yet). `deepintuit_jax.main` detects the pod (TPU_WORKER_HOSTNAMES) and
-# calls jax.distributed.initialize() on each worker.
+# and the data files are at the same path on every worker. The workdir (and an Orbax
+# `init_from`) may be a gs:// URL, e.g. WORKDIR=gs://bucket/runs/sft, or a filesystem every
+# worker sees (NFS / Filestore / GCS FUSE). `deepintuit_jax.main` detects the pod
+# (TPU_WORKER_HOSTNAMES) and calls jax.distributed.initialize() on each worker.
 set -euo pipefail
 tpu=${1:?usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG [--config.x=y ...]}
 zone=${2:?zone}

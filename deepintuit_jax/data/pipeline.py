@@ -1,9 +1,10 @@
 """Grain input pipelines: training batches with exact resume, and evaluation batches.
 
-Training (`make_train_loader`): the records of this process's shard (records
-`process_index::process_count`, cut to the same count on every process) are a Grain
-`MapDataset` of record indices, shuffled with a different order each epoch (Grain folds the
-epoch into the seed), repeated, and mapped by `examples.ExampleBuilder` (video decode,
+Training (`make_train_loader`): the records (cut to a multiple of the process count) are a
+Grain `MapDataset` of record indices, shuffled with a different order each epoch (Grain
+folds the epoch into the seed) and repeated; this process takes every `process_count`-th
+element from `process_index` on, so the global order (and each step's global batch) is the
+same for any process count. Examples are built by `examples.ExampleBuilder` (video decode,
 preprocessing, tokenisation) in worker processes (`num_workers`, 0 = in-process). The main
 process takes examples in order, handles bad-sample markers (raise or count), and pads each
 batch (`batching.collate`; with `groups=G` as G groups for data-parallel vision). The padded
@@ -87,7 +88,7 @@ class Loader:
   def __init__(self, builder: ExampleBuilder, indices: Sequence[int], *, model_config,
                options: PipelineOptions, batch_size: int, num_epochs: int | None,
                pad_id: int, ledger: SkipLedger | None = None, process_index: int = 0,
-               groups: int = 1,
+               groups: int = 1, process_count: int = 1,
                shape_sync: Callable[[tuple[int, int]], tuple[int, int]] | None = process_max):
     if batch_size <= 0:
       raise ValueError(f"batch_size={batch_size} must be positive")
@@ -101,14 +102,17 @@ class Loader:
                        "processes)")
     self.options, self.batch_size, self.num_epochs = options, batch_size, num_epochs
     self.model_config, self.pad_id, self.process_index = model_config, pad_id, process_index
-    self.epoch_size = len(indices)
+    self.epoch_size = len(indices) // process_count  # this process's share
     self.ledger = ledger if ledger is not None else SkipLedger()
     self.epoch_ledger = SkipLedger()
     self.epoch_summaries: list[str] = []
     ds = grain.MapDataset.source(list(indices))
     if options.shuffle:
       ds = ds.shuffle(seed=options.seed)
-    ds = ds.repeat(num_epochs).map_with_index(_PosMap(builder))
+    ds = ds.repeat(num_epochs)
+    if process_count > 1:  # after the shuffle: one global order, interleaved over processes
+      ds = ds[process_index::process_count]
+    ds = ds.map_with_index(_PosMap(builder))  # pos: this process's position
     buffer = max(1, options.prefetch_batches * batch_size)
     # With workers, each worker's own read-ahead stays small; the worker buffers hold the rest.
     it_ds = ds.to_iter_dataset(grain.ReadOptions(
@@ -234,8 +238,8 @@ def make_train_loader(records: Sequence[Any], *, tokenizer, model_config,
                       options: PipelineOptions, batch_size: int, num_epochs: int | None = None,
                       ledger: SkipLedger | None = None, process_index: int | None = None,
                       process_count: int | None = None, groups: int = 1,
-                      shape_sync: Callable[[tuple[int, int]], tuple[int, int]] | None = process_max
-                      ) -> Loader:
+                      shape_sync: Callable[[tuple[int, int]], tuple[int, int]] | None = process_max,
+                      for_generation: bool = False) -> Loader:
   """Training batches for this process.
 
   Args:
@@ -252,14 +256,15 @@ def make_train_loader(records: Sequence[Any], *, tokenizer, model_config,
       shards this process feeds (`sharding.local_data_groups(mesh)`); 1 = un-grouped.
     shape_sync: maps this process's (length bucket, patch bucket) to the ones every process
       uses; default `process_max` (a no-op on one process); None = no sync.
+    for_generation: prompts only (ending with `<|im_start|>assistant\\n`, right-padded,
+      labels kept; records need no response): GRPO's rollout prompts.
   """
   pi, pc = _process(process_index, process_count)
-  per = len(records) // pc  # the same count on every process (drop < pc records)
-  indices = list(range(pi, len(records), pc))[:per]
-  return Loader(_builder(records, tokenizer, model_config, options, False), indices,
+  indices = list(range(len(records) // pc * pc))  # the same count on every process
+  return Loader(_builder(records, tokenizer, model_config, options, for_generation), indices,
                 model_config=model_config, options=options, batch_size=batch_size,
                 num_epochs=num_epochs, pad_id=chat.pad_id(tokenizer), ledger=ledger,
-                process_index=pi, groups=groups, shape_sync=shape_sync)
+                process_index=pi, process_count=pc, groups=groups, shape_sync=shape_sync)
 
 
 def make_eval_batches(records: Sequence[Any], *, tokenizer, model_config,

@@ -102,7 +102,7 @@ def map_groups(fn: Callable[..., Any], batch: dict, *shared: Any) -> Any:
   [G, b, T]`), outputs stacked on a new leading axis [G, ...]. G = 1 calls `fn` directly
   (no vmap). Pass parameters as `shared` arguments, not in a closure: a model merged from
   closed-over tracers inside vmap breaks nnx transforms (remat) in the model."""
-  if batch["input_ids"].shape[0] == 1:
+  if jax.tree.leaves(batch)[0].shape[0] == 1:
     out = fn(jax.tree.map(lambda x: x[0], batch), *shared)
     return jax.tree.map(lambda x: x[None], out)
   return jax.vmap(fn, in_axes=(0,) + (None,) * len(shared))(batch, *shared)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import queue
 import threading
 import time
@@ -18,7 +17,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from deepintuit_jax import interrupts, workdir as workdir_lib
+from deepintuit_jax import interrupts, paths, workdir as workdir_lib
 
 
 class NonFiniteError(FloatingPointError):
@@ -27,29 +26,31 @@ class NonFiniteError(FloatingPointError):
 
 class MetricsWriter:
   """Appends one JSON object a line to `<workdir>/metrics.jsonl` and mirrors scalars to
-  TensorBoard (`<workdir>/tb`). Only process 0 writes."""
+  TensorBoard (`<workdir>/tb`). Only process 0 writes. A `gs://` workdir: rows are
+  written through `paths.append_line` (one object rewrite per row), TensorBoard events into
+  a local temporary directory copied to `<workdir>/tb` at `close()`."""
 
   def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None,
                final_step: int | None = None):
     """resume_step: the step the run restarts from; rows it will write again are dropped
     once (`workdir.truncate_metrics`; also its eval rows when it is `final_step`)."""
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = None
+    self.path = paths.join(workdir, "metrics.jsonl")
+    self._tb = self._tb_stage = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
       if resume_step is not None:
         workdir_lib.truncate_metrics(self.path, resume_step, redo_final=resume_step == final_step)
       if tensorboard:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self._tb_stage = paths.staged(paths.join(workdir, "tb"))  # tensorboardX: local only
+        self._tb = SummaryWriter(self._tb_stage.__enter__())
 
   def write(self, step: int, row: dict[str, Any], *, prefix: str = "") -> None:
     if not self.enabled:
       return
     clean = {k: _plain(v) for k, v in row.items()}
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), **clean}, sort_keys=True) + "\n")
+    paths.append_line(self.path, json.dumps({"step": int(step), **clean}, sort_keys=True))
     if self._tb is not None:
       for k, v in clean.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -59,6 +60,8 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._tb, stage = None, self._tb_stage
+      stage.__exit__(None, None, None)  # copies the events up when the workdir is a URL
 
 
 def _plain(v: Any) -> Any:

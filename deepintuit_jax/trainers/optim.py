@@ -21,7 +21,8 @@ class OptimConfig:
   then linear decay to 0 (the recipe's schedule); grad_clip: max global norm (0 = off);
   weight decay applies to matrices only (ndim >= 2), never to biases and norm scales;
   frozen: regexes matched (re.search) against '.'-joined parameter paths such as
-  'visual.blocks.0.attn.qkv.kernel'."""
+  'visual.blocks.0.attn.qkv.kernel'; warmup_steps >= 0 overrides warmup_ratio; decay:
+  "linear" (to 0 at the last step, the SFT recipe) or "constant" (verl's GRPO actor)."""
   learning_rate: float = 2e-5
   warmup_ratio: float = 0.06
   weight_decay: float = 0.0
@@ -30,8 +31,12 @@ class OptimConfig:
   eps: float = 1e-8
   grad_clip: float = 1.0
   frozen: tuple[str, ...] = ()
+  warmup_steps: int = -1
+  decay: str = "linear"
 
   def __post_init__(self):
+    if self.decay not in ("linear", "constant"):
+      raise ValueError(f"decay must be linear or constant, got {self.decay!r}")
     if self.learning_rate <= 0:
       raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
     if not 0.0 <= self.warmup_ratio < 1.0:
@@ -85,17 +90,20 @@ def count_params(state: nnx.State) -> int:
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-  """0 -> peak over ceil(warmup_ratio * total) steps, then linear to 0 at `total_steps`
-  (HF's get_linear_schedule_with_warmup, which the release uses)."""
+  """0 -> peak over ceil(warmup_ratio * total) (or warmup_steps) steps, then linear to 0 at
+  `total_steps` (HF's get_linear_schedule_with_warmup, which the release's SFT uses) or
+  constant (decay="constant")."""
   if total_steps < 1:
     raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-  warmup = int(-(-cfg.warmup_ratio * total_steps // 1))
+  warmup = (cfg.warmup_steps if cfg.warmup_steps >= 0
+            else int(-(-cfg.warmup_ratio * total_steps // 1)))
   decay = max(total_steps - warmup, 1)
+  after = (optax.constant_schedule(cfg.learning_rate) if cfg.decay == "constant"
+           else optax.linear_schedule(cfg.learning_rate, 0.0, decay))
   if warmup == 0:
-    return optax.linear_schedule(cfg.learning_rate, 0.0, decay)
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, cfg.learning_rate, warmup),
-       optax.linear_schedule(cfg.learning_rate, 0.0, decay)], [warmup])
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), after],
+                              [warmup])
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:

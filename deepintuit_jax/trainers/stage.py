@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from deepintuit_jax import checkpointing, sharding
+from deepintuit_jax import checkpointing, paths, sharding
 from deepintuit_jax.data import annotations, chat, errors, pipeline
 from deepintuit_jax.evals import generation, metrics as metrics_lib
 from deepintuit_jax.trainers import loop, optim
@@ -198,14 +198,14 @@ def prepare(*, seed: int, init_from: str, model: ModelSpec, data: DataSpec,
   from deepintuit_jax.models import qwen2_5_vl
   from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions
 
-  ck = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ck = checkpointing.Checkpointer(paths.join(workdir, "checkpoints"),
                                   every_steps=checkpoint.every_steps, keep=checkpoint.keep,
                                   async_save=checkpoint.async_save)
   source, init_kind = model.checkpoint, "model.checkpoint"
   if init_from:
     if checkpointing.is_checkpoint_dir(init_from):
       init_kind = "init_from (checkpoint)"
-    elif os.path.isdir(init_from) and _is_hf_dir(init_from):
+    elif not paths.is_remote(init_from) and os.path.isdir(init_from) and _is_hf_dir(init_from):
       source, init_kind = init_from, "init_from (HF)"
     elif ck.latest_step() is None:
       raise FileNotFoundError(f"init_from {init_from!r}: neither an HF directory "
@@ -317,15 +317,15 @@ class Evaluator:
       results[name] = m
       self.writer.write(step, dict(split=name, **m), prefix=f"eval/{name}/")
       if is_main:
-        with open(os.path.join(self.workdir, f"predictions_{name}_step{step}.jsonl"), "w") as f:
-          f.writelines(json.dumps(p) + "\n" for p in preds)
+        paths.write_text(paths.join(self.workdir, f"predictions_{name}_step{step}.jsonl"),
+                         "".join(json.dumps(p) + "\n" for p in preds))
         print(f"[eval step {step}] {name}: accuracy {m.get('accuracy', float('nan')):.3f} "
               f"format_rate {m.get('format_rate', float('nan')):.3f} "
               f"macro_f1 {m.get('macro_f1', float('nan')):.3f} (n={int(m['n'])})", flush=True)
     if is_main and results:
-      with open(os.path.join(self.workdir, "eval_report.md"), "w") as f:
-        f.write(metrics_lib.report_markdown(results, step=step))
-      checkpointing.write_json(os.path.join(self.workdir, "eval_report.json"),
+      paths.write_text(paths.join(self.workdir, "eval_report.md"),
+                       metrics_lib.report_markdown(results, step=step))
+      checkpointing.write_json(paths.join(self.workdir, "eval_report.json"),
                                {"step": step, "splits": results})
     return results
 
@@ -337,8 +337,9 @@ def export(graphdef, state: TrainState, tokenizer, source: str, out: str, *,
   from deepintuit_jax.models import qwen2_5_vl
   model = trainable_model(graphdef, state)
   if jax.process_index() == 0:
-    qwen2_5_vl.save_pretrained(model, out, source_dir=source, processor=processor)
-    tokenizer.save_pretrained(out)
+    with paths.staged(out) as local:  # safetensors / save_pretrained write local files only
+      qwen2_5_vl.save_pretrained(model, local, source_dir=source, processor=processor)
+      tokenizer.save_pretrained(local)
     print(f"exported the model to {out}", flush=True)
   return out
 

@@ -44,8 +44,9 @@ def stack_micro(micro: Sequence[dict]) -> dict:
 
 
 def on_device(mb: dict) -> bool:
-  """Already placed (its token ids are a jax Array)."""
-  return isinstance(mb.get("input_ids"), jax.Array)
+  """Already placed (its arrays are jax Arrays)."""
+  leaves = jax.tree.leaves(mb)
+  return bool(leaves) and all(isinstance(x, jax.Array) for x in leaves)
 
 
 class TrainStep:
@@ -144,9 +145,15 @@ class TrainStep:
     return sharding_lib.place_batch(grouped, self.mesh, self.row_axes)
 
   def __call__(self, state: TrainState, micro: tuple[dict, ...]):
-    if self.mesh is not None and not _placed(state, self.state_sharding):
+    if self.mesh is None:
+      return self.jitted(state, tuple(self.place(mb) for mb in micro))
+    if not _placed(state, self.state_sharding):
       state = jax.device_put(state, self.state_sharding)
-    return self.jitted(state, tuple(self.place(mb) for mb in micro))
+    # Traced with the mesh in context, the decoder scans over its layers and gathers each
+    # layer's fsdp-sharded weights inside the scan (text.py), so remat keeps only block
+    # inputs and activations stay sharded by group.
+    with jax.set_mesh(self.mesh):
+      return self.jitted(state, tuple(self.place(mb) for mb in micro))
 
 
 def _placed(state: TrainState, shardings: TrainState) -> bool:

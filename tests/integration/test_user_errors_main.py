@@ -62,6 +62,6 @@ def test_empty_train_file_fails_named_and_leaves_no_workdir(env, tmp_path):
                "--config.data.eval_files=none")
   assert str(empty) in line and "holds no records" in line
   p = subprocess.run([sys.executable, "-m", "deepintuit_jax.main", "--config=configs/sft.py:pulse",
-                      f"--workdir={w}", "--config.train.num_steps=-1", "--traceback"],
+                      f"--workdir={w}", "--config.train.num_steps=-2", "--traceback"],
                      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert p.returncode != 0 and "Traceback" in p.stderr and "ConfigError" in p.stderr

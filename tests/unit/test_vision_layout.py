@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from deepintuit_jax.models.qwen2_5_vl.config import VisionConfig
-from deepintuit_jax.models.qwen2_5_vl.vision import block_attention, block_mask
+from deepintuit_jax.models.qwen2_5_vl.vision import block_attention
 from deepintuit_jax.models.qwen2_5_vl.vision_layout import (
     pack_segments, rotary_positions, vision_layout)
 
@@ -109,13 +109,14 @@ def test_pack_segments_errors():
     vision_layout(np.array([[1, 20, 20]]), _cfg(), pad_to=400, max_frame_patches=256)
 
 
-def test_block_attention_equals_dense_masked_attention():
+@pytest.mark.parametrize("impl", ["reference", "blockwise"])
+def test_block_attention_equals_dense_masked_attention(impl):
   rng = np.random.default_rng(0)
   lengths = np.array([3, 5, 1, 8, 2, 6])
   n_real, n = int(lengths.sum()), int(lengths.sum()) + 3
   blocks = pack_segments(lengths, n, 8)
   q, k, v = (jnp.asarray(rng.normal(size=(n, 2, 4)), jnp.float32) for _ in range(3))
-  out = block_attention(q, k, v, blocks, block_mask(blocks), None)
+  out = block_attention(q, k, v, blocks, impl, block=4)
   seg = np.repeat(np.arange(lengths.size), lengths)
   dense_mask = jnp.asarray(seg[:, None] == seg[None, :])[None, None]
   ref = jax.nn.dot_product_attention(q[None, :n_real], k[None, :n_real], v[None, :n_real],

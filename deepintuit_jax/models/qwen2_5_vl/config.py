@@ -14,6 +14,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from deepintuit_jax.models.qwen2_5_vl.attention import check_impl
+
 ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 MODEL_TYPE = "qwen2_5_vl"
 
@@ -29,19 +31,24 @@ class RuntimeOptions:
   param_dtype: storage dtype of the parameters (fp32 master weights by default).
   remat: per decoder / vision block; "none", "full" (save nothing) or the name of a
     `jax.checkpoint_policies` policy ("dots_saveable", ...).
-  attention_impl: `implementation=` of `jax.nn.dot_product_attention`: None (XLA picks),
-    "xla", or "cudnn" (flash attention on GPU).
+  attention_impl: attention backend (models/qwen2_5_vl/attention.py): None / "" / "auto"
+    (cuDNN flash on GPU where it applies, Pallas splash on TPU, blockwise elsewhere),
+    "blockwise" (online softmax over key/value blocks, pure XLA), "cudnn", "pallas", or
+    "reference" / "xla" (the explicit-mask path: exact, O(T^2) memory; small shapes, tests).
+  attention_block: query / key block length of the blockwise backend (memory O(T * block)).
   """
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: str = "none"
   attention_impl: str | None = None
+  attention_block: int = 512
 
   def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat {self.remat!r} not one of {REMAT_POLICIES}")
-    if self.attention_impl not in (None, "xla", "cudnn"):
-      raise ValueError(f"attention_impl {self.attention_impl!r} not one of None, 'xla', 'cudnn'")
+    check_impl(self.attention_impl)
+    if self.attention_block < 1:
+      raise ValueError(f"attention_block {self.attention_block} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -89,9 +89,18 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(self.dtype) * y
 
 
+def remat_policy(remat: str):
+  """The `jax.checkpoint` policy of a RuntimeOptions.remat name ("full" = save nothing)."""
+  return None if remat == "full" else getattr(jax.checkpoint_policies, remat)
+
+
 def maybe_remat(fn, remat: str):
-  """`fn` itself (remat "none") or `nnx.remat(fn)` with the named policy: "full" saves
-  nothing, other names are `jax.checkpoint_policies` attributes (see RuntimeOptions)."""
+  """`fn` itself (remat "none") or `nnx.remat(fn)` with the named policy (see RuntimeOptions).
+
+  Unrolled blocks only: XLA:CPU drops the optimization barriers that keep the recomputation
+  apart from the forward, so there remat of unrolled blocks saves nothing (GPU/TPU keep
+  them); the text decoder scans over its layers instead (text.py).
+  """
   if remat == "none":
     return fn
-  return nnx.remat(fn, policy=None if remat == "full" else getattr(jax.checkpoint_policies, remat))
+  return nnx.remat(fn, policy=remat_policy(remat))

@@ -130,7 +130,7 @@ class Qwen2_5_VL(nnx.Module):
                position_ids=None, image_layout=None, video_layout=None,
                cache: KVCache | None = None, output_hidden_states: bool = False,
                logits_to_keep: int | jax.Array | None = None,
-               return_hidden: bool = False) -> Output:
+               return_hidden: bool = False, segment_ids=None) -> Output:
     """Forward pass.
 
     Args:
@@ -150,6 +150,8 @@ class Qwen2_5_VL(nnx.Module):
       return_hidden: skip the lm head: `Output.hidden` is the final-normed hidden state
         (after logits_to_keep) and `Output.logits` None, so that a loss can compute logits
         chunk by chunk (`compute_logits`) without ever holding [B, T, V].
+      segment_ids: [B, T] int >= 1, packed rows (several sequences per row; no cache): a
+        token attends earlier tokens of its own id only; pass `position_ids` too.
     Returns:
       Output(logits float32 | None, hidden_states, cache, rope_deltas [B], hidden).
     """
@@ -179,7 +181,8 @@ class Qwen2_5_VL(nnx.Module):
       position_ids = default_position_ids(mask)
 
     hidden, hidden_states, cache = self.model(
-        embeds, mask, position_ids, cache=cache, output_hidden_states=output_hidden_states)
+        embeds, mask, position_ids, cache=cache, output_hidden_states=output_hidden_states,
+        segment_ids=segment_ids)
     if logits_to_keep is not None:
       if isinstance(logits_to_keep, int):
         hidden = hidden[:, hidden.shape[1] - logits_to_keep:]

@@ -4,9 +4,13 @@ Parameter paths (relative to this module, which the full model holds as `model`)
 `embed_tokens.embedding`, `layers.{i}.self_attn.{q,k,v,o}_proj`, `layers.{i}.mlp.{gate,up,down}_proj`,
 `layers.{i}.{input,post_attention}_layernorm.scale`, `norm.scale` (see docs/ARCHITECTURE.md).
 
-Attention masks are boolean and built from three facts: causality over cache slots, the
-per-token validity mask (padding, left or right), and which cache slots hold real tokens.
-Rotary positions are separate from slots: position ids `[3, B, T]` (temporal, height,
+Attention is stated as the fast kernels take it (attention.py): causal over slots plus
+segment ids, never an explicit [T, T] mask. Without a cache a token's segment is its
+`segment_ids` entry (packed rows) or 1, and padding is segment 0, wherever it sits (left,
+right or both); with a cache the keys' segments are the slots' validity and queries sit
+at slots `index + arange(T)`. Without a cache the decoder scans over its layers (stacked
+per call), so remat keeps only block inputs on every backend. Rotary positions are separate
+from slots: position ids `[3, B, T]` (temporal, height,
 width rows) come from `rope.get_rope_index` or, for text, from the running count of real
 tokens, so a left-padded row has the same positions as the unpadded sequence.
 """
@@ -20,11 +24,33 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepintuit_jax import sharding as sharding_lib
+from deepintuit_jax.models.qwen2_5_vl import attention as attn_lib
 from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions, TextConfig
-from deepintuit_jax.models.qwen2_5_vl.layers import Embed, Linear, RMSNorm, maybe_remat
+from deepintuit_jax.models.qwen2_5_vl.layers import (Embed, Linear, RMSNorm, maybe_remat,
+                                                    remat_policy)
 
 # Logical axes of each cache array (for sharding a cache with `sharding.logical_to_spec`).
 CACHE_KV_AXES = ("batch", "length", "kv_heads", "head_dim")
+# Cached calls with at most this many new tokens (decode steps) use direct masked
+# attention over the cache ([B, H, T, S] scores); longer ones (prefill) the blockwise kernel.
+DECODE_MAX_TOKENS = 16
+
+
+@flax.struct.dataclass
+class AttentionInputs:
+  """What every layer's attention needs besides q/k/v (see attention.py's contract).
+
+  q_segments [B, T] / kv_segments [B, S] int32; q_positions [T] int32 slots of the queries
+  (None = arange, no cache); valid [B, T] bool real tokens (for the cuDNN backend);
+  impl: the resolved backend; block: blockwise block length.
+  """
+  q_segments: jax.Array
+  kv_segments: jax.Array
+  q_positions: jax.Array | None
+  valid: jax.Array
+  impl: str = flax.struct.field(pytree_node=False, default="blockwise")
+  block: int = flax.struct.field(pytree_node=False, default=512)
 
 
 # ------------------------------------------------------------------------------- rotary
@@ -134,17 +160,16 @@ class Attention(nnx.Module):
     d, h, k, hd = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                    config.head_dim)
     self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
-    self.attention_impl = opts.attention_impl
     kw = dict(dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
     self.q_proj = Linear(d, h * hd, use_bias=True, axes=("embed", "heads"), **kw)
     self.k_proj = Linear(d, k * hd, use_bias=True, axes=("embed", "kv_heads"), **kw)
     self.v_proj = Linear(d, k * hd, use_bias=True, axes=("embed", "kv_heads"), **kw)
     self.o_proj = Linear(h * hd, d, use_bias=False, axes=("heads", "embed"), **kw)
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, att: AttentionInputs,
                kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """x [B, T, D]; mask [B, 1, T, S] bool; kv: cache ([B, S, K, hd] x2) written at `index`.
+    """x [B, T, D]; att: segments / slots; kv: cache ([B, S, K, hd] x2) written at `index`.
 
     Returns (out [B, T, D], updated kv or None). Without a cache S == T.
     """
@@ -160,8 +185,24 @@ class Attention(nnx.Module):
       cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
       kv = (ck, cv)
       k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+    out = _attend(q, k, v, att, cached=kv is not None)
     return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
+
+
+def _attend(q, k, v, att: AttentionInputs, *, cached: bool) -> jax.Array:
+  seg = dict(q_segments=att.q_segments, kv_segments=att.kv_segments)
+  if not cached:
+    return attn_lib.attention(q, k, v, **seg, causal=True, impl=att.impl, valid=att.valid,
+                              block=att.block)
+  if att.impl == "reference":
+    return attn_lib.reference_attention(q, k, v, **seg, causal=True,
+                                        q_positions=att.q_positions)
+  if q.shape[1] <= DECODE_MAX_TOKENS:
+    return attn_lib.decode_attention(q, k, v, **seg, q_positions=att.q_positions)
+  # Prefill: cuDNN / splash take neither cache slots past the queries nor left-padded keys
+  # at an offset; the blockwise kernel takes both (and skips the empty future slots).
+  return attn_lib.attention(q, k, v, **seg, causal=True, impl="blockwise",
+                            q_positions=att.q_positions, block=att.block)
 
 
 class MLP(nnx.Module):
@@ -188,16 +229,26 @@ class DecoderLayer(nnx.Module):
     self.input_layernorm = RMSNorm(config.hidden_size, **kw)
     self.post_attention_layernorm = RMSNorm(config.hidden_size, **kw)
 
-  def __call__(self, x, cos, sin, mask, kv=None, index=None):
+  def __call__(self, x, cos, sin, att: AttentionInputs, kv=None, index=None):
     """x [B, T, D] -> ([B, T, D], kv); see Attention for the other arguments."""
-    h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    h, kv = self.self_attn(self.input_layernorm(x), cos, sin, att, kv, index)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, kv
 
 
-def _call_layer(layer: DecoderLayer, x, cos, sin, mask, kv, index):
-  return layer(x, cos, sin, mask, kv, index)
+_GATHER_RULES = tuple((name, None if axes == "fsdp" else tuple(a for a in axes if a != "fsdp")
+                        if isinstance(axes, tuple) else axes)
+                       for name, axes in sharding_lib.DEFAULT_RULES)
+
+
+def _gather_fsdp(state, mesh):
+  """Each parameter of one layer constrained to its sharding minus the `fsdp` axis."""
+  def one(v):
+    spec = sharding_lib.logical_to_spec(sharding_lib.variable_axes(v), _GATHER_RULES, mesh,
+                                        v.shape)
+    return v.replace(jax.lax.with_sharding_constraint(v.get_value(), spec))
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 class TextModel(nnx.Module):
@@ -215,7 +266,7 @@ class TextModel(nnx.Module):
 
   def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None, cache: KVCache | None = None,
-               output_hidden_states: bool = False
+               output_hidden_states: bool = False, segment_ids: jax.Array | None = None
                ) -> tuple[jax.Array, tuple[jax.Array, ...] | None, KVCache | None]:
     """Runs the decoder.
 
@@ -228,6 +279,9 @@ class TextModel(nnx.Module):
         [cache.index, cache.index + T).
       output_hidden_states: also return HF's hidden-state tuple (L + 1 arrays [B, T, D]:
         embeddings, outputs of layers 0..L-2, and the final-normed output of layer L-1).
+      segment_ids: [B, T] int, packed rows (no cache): tokens attend earlier tokens of the
+        same id (ids >= 1; 0 is padding); pass matching `position_ids` (restarting per
+        sequence).
     Returns:
       (final-normed hidden [B, T, D], hidden states tuple or None, updated cache or None).
     """
@@ -246,45 +300,51 @@ class TextModel(nnx.Module):
       position_ids = jnp.broadcast_to(position_ids[None], (3, b, t))
     if position_ids.shape != (3, b, t):
       raise ValueError(f"position_ids shape {position_ids.shape} != (3, {b}, {t})")
+    if segment_ids is not None and jnp.shape(segment_ids) != (b, t):
+      raise ValueError(f"segment_ids shape {jnp.shape(segment_ids)} != inputs ({b}, {t})")
     cfg = self.config
     cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
 
+    x = inputs_embeds.astype(self.opts.dtype)
     if cache is None:
-      q_slot = jnp.arange(t)
-      k_slot = jnp.arange(t)
-      key_valid = attention_mask
+      if segment_ids is None:
+        segments = attention_mask.astype(jnp.int32)
+      else:
+        segments = jnp.where(attention_mask, jnp.asarray(segment_ids, jnp.int32), 0)
+      att = AttentionInputs(q_segments=segments, kv_segments=segments, q_positions=None,
+                            valid=attention_mask, impl=self._impl(segment_ids is not None),
+                            block=self.opts.attention_block)
+      mesh = jax.sharding.get_abstract_mesh()
+      if not mesh.empty or jax.device_count() == 1:
+        x, hidden = self._scan_layers(x, cos, sin, att, output_hidden_states, mesh)
+      else:
+        x, hidden = self._unrolled_layers(x, cos, sin, att, output_hidden_states)
       index = None
     else:
+      if segment_ids is not None:
+        raise ValueError("segment_ids (packed rows) are not supported with a KV cache")
       start = _concrete_int(cache.index)
       if start is not None and start + t > cache.max_len:
         raise ValueError(f"KV cache overflow: {start} slots used + {t} new tokens > max_len "
                          f"{cache.max_len}; create the cache with a larger max_len")
       index = cache.index
-      q_slot = index + jnp.arange(t)
-      k_slot = jnp.arange(cache.max_len)
       key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
-    # [B, 1, T, S]: causal over slots, real keys only; a query always sees itself so that
-    # padding rows stay finite under any attention kernel.
-    causal = k_slot[None, :] <= q_slot[:, None]
-    mask = (causal[None] & key_valid[:, None, :]) | (k_slot[None, :] == q_slot[:, None])[None]
-    mask = mask[:, None]
-
-    call = maybe_remat(_call_layer, self.opts.remat)
-    x = inputs_embeds.astype(self.opts.dtype)
-    hidden = [] if output_hidden_states else None
-    new_k, new_v = [], []
-    for i, layer in enumerate(self.layers):
-      if hidden is not None:
-        hidden.append(x)
-      kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = call(layer, x, cos, sin, mask, kv, index)
-      if kv is not None:
+      att = AttentionInputs(q_segments=attention_mask.astype(jnp.int32),
+                            kv_segments=key_valid.astype(jnp.int32),
+                            q_positions=index + jnp.arange(t, dtype=jnp.int32),
+                            valid=attention_mask, impl=self._impl(False),
+                            block=self.opts.attention_block)
+      hidden = [] if output_hidden_states else None
+      new_k, new_v = [], []
+      for i, layer in enumerate(self.layers):
+        if hidden is not None:
+          hidden.append(x)
+        x, kv = layer(x, cos, sin, att, (cache.k[i], cache.v[i]), index)
         new_k.append(kv[0])
         new_v.append(kv[1])
     x = self.norm(x)
     if hidden is not None:
-      hidden.append(x)
-      hidden = tuple(hidden)
+      hidden = tuple(hidden) + (x,)
 
     if cache is not None:
       n_new = attention_mask.sum(-1).astype(jnp.int32)
@@ -294,3 +354,49 @@ class TextModel(nnx.Module):
                       lengths=cache.lengths + n_new,
                       next_position=jnp.maximum(cache.next_position, last.astype(jnp.int32)))
     return x, hidden, cache
+
+  def _impl(self, packed: bool) -> str:
+    return attn_lib.resolve_impl(self.opts.attention_impl, dtype=self.opts.dtype,
+                                 head_dim=self.config.head_dim, causal_text=True, packed=packed)
+
+  def _unrolled_layers(self, x, cos, sin, att: AttentionInputs, output_hidden_states: bool):
+    """One call per layer, each under `maybe_remat` (remat effective on GPU / TPU only)."""
+    call = maybe_remat(lambda layer, *a: layer(*a)[0], self.opts.remat)
+    hidden = [] if output_hidden_states else None
+    for layer in self.layers:
+      if hidden is not None:
+        hidden.append(x)
+      x = call(layer, x, cos, sin, att)
+    return x, hidden
+
+  def _scan_layers(self, x, cos, sin, att: AttentionInputs, output_hidden_states: bool,
+                   mesh):
+    """All layers as one `lax.scan` over their parameters stacked per call.
+
+    The scan is what makes remat real on every backend: its backward loop recomputes one
+    layer at a time from the saved layer inputs (unrolled, XLA:CPU merges recomputation and
+    forward again). The stack holds the parameters in the compute dtype: every decoder
+    parameter is cast to `opts.dtype` at use (Linear, RMSNorm), so this is exact and halves
+    the copy (and the FSDP all-gathers) for bf16. Inside the loop each layer's parameters
+    are constrained to their sharding without the `fsdp` axis (the FSDP all-gather, one
+    layer at a time): without that hint XLA keeps the weights sharded and replicates the
+    activations instead. Needs the mesh in context (`jax.set_mesh`) on several devices
+    (TextModel falls back to `_unrolled_layers` otherwise). Returns (x, layer inputs | None).
+    """
+    graphdef, _ = nnx.split(self.layers[0])
+    dt = self.opts.dtype
+    cast = lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    stacked = jax.tree.map(lambda *xs: jnp.stack([cast(a) for a in xs]),
+                           *[nnx.state(layer) for layer in self.layers])
+
+    def body(x, state):
+      if not mesh.empty:
+        state = _gather_fsdp(state, mesh)
+      y, _ = nnx.merge(graphdef, state)(x, cos, sin, att)
+      return y, (x if output_hidden_states else None)
+
+    if self.opts.remat != "none":
+      body = jax.checkpoint(body, policy=remat_policy(self.opts.remat))
+    x, inputs = jax.lax.scan(body, x, stacked)
+    hidden = None if inputs is None else [inputs[i] for i in range(len(self.layers))]
+    return x, hidden

@@ -6,7 +6,8 @@ Patch embedding (a matmul on flattened patches) -> window permutation -> `depth`
 merger (RMSNorm, 2x2 concat, Linear, GELU, Linear) -> un-permute.
 
 All grid-dependent indexing comes from a host-side `VisionLayout` (see vision_layout.py);
-attention runs on `[S, L, heads, head_dim]` blocks, never on an `[N, N]` mask.
+attention runs on `[S, L, heads, head_dim]` blocks with per-entry segment ids (attention.py:
+blockwise on CPU / GPU, splash on TPU), never on an `[N, N]` or `[L, L]` mask.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepintuit_jax.models.qwen2_5_vl import attention as attn_lib
 from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions, VisionConfig
 from deepintuit_jax.models.qwen2_5_vl.layers import Linear, RMSNorm, maybe_remat
 from deepintuit_jax.models.qwen2_5_vl.vision_layout import (  # noqa: F401  (re-exported)
@@ -45,23 +47,20 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return (x32 * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
 
 
-def block_mask(blocks: BlockLayout) -> jax.Array:
-  """[S, 1, L, L] bool: same row and same segment (block-diagonal attention per row)."""
-  seg = jnp.asarray(blocks.segment)
-  return (seg[:, :, None] == seg[:, None, :])[:, None]
-
-
 def block_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocks: BlockLayout,
-                    mask: jax.Array, implementation: str | None) -> jax.Array:
+                    impl: str, block: int = 512) -> jax.Array:
   """Segment-local attention: q, k, v [N, H, hd] (permuted order) -> [N, H*hd].
 
-  Tokens are gathered into [S, L, H, hd] blocks, attend within their segment, and are
-  scattered back; padding tokens (scatter index S*L) get zeros.
+  Tokens are gathered into [S, L, H, hd] blocks and attend within their segment
+  (`blocks.segment`, -1 for empty entries, which attend each other); the result is
+  scattered back and padding tokens (scatter index S*L) get zeros. impl: a resolved
+  attention backend (attention.resolve_impl).
   """
   gather = jnp.asarray(blocks.gather)
   s, l = gather.shape
-  out = jax.nn.dot_product_attention(q[gather], k[gather], v[gather], mask=mask,
-                                     implementation=implementation)  # [S, L, H, hd]
+  seg = jnp.asarray(blocks.segment, jnp.int32)
+  out = attn_lib.attention(q[gather], k[gather], v[gather], seg, seg, causal=False, impl=impl,
+                           block=block)  # [S, L, H, hd]
   out = out.reshape(s * l, -1)
   return jnp.take(out, jnp.asarray(blocks.scatter), axis=0, mode="fill", fill_value=0)
 
@@ -85,20 +84,22 @@ class VisionAttention(nnx.Module):
   def __init__(self, config: VisionConfig, opts: RuntimeOptions, *, rngs: nnx.Rngs):
     d = config.hidden_size
     self.num_heads, self.head_dim = config.num_heads, config.head_dim
-    self.attention_impl = opts.attention_impl
+    self.impl = attn_lib.resolve_impl(opts.attention_impl, dtype=opts.dtype,
+                                      head_dim=config.head_dim, causal_text=False)
+    self.block = opts.attention_block
     kw = dict(dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
     # qkv's output dim is [3, heads, hd]: sharding it over heads would cut across q/k/v.
     self.qkv = Linear(d, 3 * d, use_bias=True, axes=("vision_embed", "qkv"), **kw)
     self.proj = Linear(d, d, use_bias=True, axes=("vision_heads", "vision_embed"), **kw)
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, blocks: BlockLayout,
-               mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, blocks: BlockLayout
+               ) -> jax.Array:
     """x [N, Dv] (permuted order) -> [N, Dv]."""
     n = x.shape[0]
     qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    return self.proj(block_attention(q, k, v, blocks, mask, self.attention_impl))
+    return self.proj(block_attention(q, k, v, blocks, self.impl, self.block))
 
 
 class VisionMLP(nnx.Module):
@@ -126,9 +127,9 @@ class VisionBlock(nnx.Module):
     self.attn = VisionAttention(config, opts, rngs=rngs)
     self.mlp = VisionMLP(config, opts, rngs=rngs)
 
-  def __call__(self, x, cos, sin, blocks: BlockLayout, mask):
+  def __call__(self, x, cos, sin, blocks: BlockLayout):
     """x [N, Dv] -> [N, Dv]."""
-    x = x + self.attn(self.norm1(x), cos, sin, blocks, mask)
+    x = x + self.attn(self.norm1(x), cos, sin, blocks)
     return x + self.mlp(self.norm2(x))
 
 
@@ -157,8 +158,8 @@ class PatchMerger(nnx.Module):
     return self.mlp[2](jax.nn.gelu(self.mlp[0](x), approximate=False))
 
 
-def _call_block(block: VisionBlock, x, cos, sin, blocks: BlockLayout, mask):
-  return block(x, cos, sin, blocks, mask)
+def _call_block(block: VisionBlock, x, cos, sin, blocks: BlockLayout):
+  return block(x, cos, sin, blocks)
 
 
 class VisionTower(nnx.Module):
@@ -190,14 +191,10 @@ class VisionTower(nnx.Module):
     x = self.patch_embed(x.astype(self.opts.dtype))
     cos, sin = vision_rotary(jnp.asarray(layout.rotary_pos), self.config.head_dim,
                              self.config.rope_theta)
-    kinds = {"windowed": layout.windowed, "full": layout.full}
-    used = {"full" if i in self.config.fullatt_block_indexes else "windowed"
-            for i in range(self.config.depth)}
-    masks = {k: block_mask(kinds[k]) for k in used}  # once per call, shared by the blocks
     call = maybe_remat(_call_block, self.opts.remat)
     for i, block in enumerate(self.blocks):
-      kind = "full" if i in self.config.fullatt_block_indexes else "windowed"
-      x = call(block, x, cos, sin, kinds[kind], masks[kind])
+      full = i in self.config.fullatt_block_indexes
+      x = call(block, x, cos, sin, layout.full if full else layout.windowed)
     merged = self.merger(x)
     return merged[jnp.asarray(layout.merge_inverse)]
 

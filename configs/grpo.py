@@ -1,0 +1,89 @@
+"""Stage 1, GRPO (../shared/RECIPE.md "Stage 1"), starting from the SFT stage's result.
+
+    python -m deepintuit_jax.main --config=configs/sft.py     # first: the SFT default
+    python -m deepintuit_jax.main --config=configs/grpo.py    # then GRPO from runs/sft
+    python -m deepintuit_jax.main --config=configs/grpo.py \
+        --config.model.checkpoint=/path/Qwen2.5-VL-7B-Instruct --config.init_from=/runs/sft7b \
+        --config.data.train_file=stage1_train.json --config.data.eval_files=test=test.json
+
+Arg variants (`--config=configs/grpo.py:real`): `real` forces the release's recipe
+(otherwise it applies whenever model.checkpoint is set); `pulse` a few-iteration smoke run
+on a smaller generated benchmark, starting from the built-in tiny model itself (init_from
+"none"; pass --config.init_from to start from an SFT run).
+
+With model.checkpoint empty the defaults are the tiny-model ones (small groups and batches,
+short responses, a few iterations: minutes on a CPU).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, real=False, pulse=False)
+  c = ml_collections.ConfigDict()
+  c.stage = "grpo"
+  c.seed = 42
+  # The SFT stage's workdir (its checkpoints/) or an HF directory; own checkpoints win;
+  # "none" = start from model.checkpoint itself.
+  c.init_from = "runs/sft"
+  c.recipe = "auto"  # auto (release recipe iff model.checkpoint is set) | release | tiny
+  c.model = common.model_config()
+  c.data = common.data_config()
+  c.mesh = common.mesh_config()
+  c.checkpoint = common.checkpoint_config()
+  c.eval = common.eval_config()
+  # -1 / "auto" = by recipe (tables RELEASE / TINY in deepintuit_jax/trainers/grpo_stage.py).
+  c.data.max_frames = -1
+  c.data.max_pixels = -1
+  c.eval.max_new_tokens = -1
+  c.checkpoint.every_steps = -1
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=-1,       # optimizer steps (> 0 overrides epochs; rounded up to whole
+                          # rollout batches); -1 = by recipe (release: from epochs)
+      epochs=-1,          # passes over the training prompts
+      learning_rate=-1.0,
+      warmup_steps=-1,    # linear warmup, then constant (verl's actor schedule)
+      weight_decay=0.1,
+      b1=0.9, b2=0.999, eps=1e-8,
+      grad_clip=1.0,      # max global norm; 0 = off
+      frozen="",          # comma-separated regexes; "" = everything trains (vision included)
+      log_every=1,
+  ))
+  c.grpo = ml_collections.ConfigDict(dict(
+      group_size=-1,          # G responses per prompt
+      prompts_per_rollout=-1,  # prompts per rollout batch (global)
+      mini_batch_prompts=-1,  # prompts per optimizer step (global)
+      micro_batch_prompts=0,  # prompts per accumulation pass (0 = the mini-batch at once)
+      ppo_epochs=1,           # passes over each rollout batch
+      max_response_tokens=-1,
+      temperature=1.0,
+      top_p=1.0,
+      rewards="format:1.0,accuracy:1.0",  # name:weight of registered rewards
+      advantage="grpo",       # grpo | dr_grpo | rloo | reinforce_plus_plus_baseline
+      policy_loss="vanilla",  # vanilla | gspo
+      loss_agg="token-mean",  # token-mean | seq-mean-token-sum | seq-mean-token-mean |
+                              # seq-mean-token-sum-norm
+      clip_low=-1.0,          # -1 = the policy loss's default (vanilla 0.2, gspo 3e-4)
+      clip_high=-1.0,         # -1 = the policy loss's default (vanilla 0.28, gspo 4e-4)
+      dual_clip=3.0,
+      tis_cap=2.0,            # truncated importance sampling cap; 0 = off
+      kl_coef=0.0,            # > 0: KL to a frozen reference copy of the start, as a loss term
+      kl_kind="low_var_kl",   # k1 | k2 | k3 (= low_var_kl) | abs (+ kl, mse aliases)
+      entropy_coef=0.0,       # entropy bonus
+      dynamic_sampling=False,  # drop groups whose rewards are all equal, refill
+      max_refills=2,          # extra prompt batches drawn per rollout at most
+      logp_chunk=1024,        # tokens per chunk of the log-prob passes (0 = unchunked)
+  ))
+  if args.real:
+    c.recipe = "release"
+  if args.pulse:
+    c.init_from = "none"
+    c.train.num_steps = 4
+    c.checkpoint.every_steps = 2
+    c.data.synthetic_train, c.data.synthetic_test = 16, 4
+    c.eval.max_new_tokens = 8
+    c.grpo.max_response_tokens = 16
+  return c

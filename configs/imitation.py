@@ -1,0 +1,81 @@
+"""The imitation baseline (issue 11): a video-encoder classifier, the VLM's vision tower plus a
+head that keeps space and time (deepintuit_jax/models/video_classifier.py), trained with
+cross-entropy on the labels on SFT's training split and frames, scored on the same test
+splits (accuracy, macro-F1, ECE) in the same report format as the other stages.
+
+    python -m deepintuit_jax.main --config=configs/imitation.py             # embedded default
+    python -m deepintuit_jax.main --config=configs/imitation.py:scratch     # random tower
+    python -m deepintuit_jax.main --config=configs/imitation.py \
+        --config.model.checkpoint=/path/Qwen2.5-VL-7B-Instruct \
+        --config.data.train_file=train.json --config.data.video_root=/videos
+
+`imitation.init`: `pretrained` (default) keeps the base checkpoint's vision tower (the tiny
+model's `visual.*` for the embedded default, Qwen2.5-VL's for real runs; `init_from` an HF
+directory, e.g. another stage's export, takes its tower instead); `scratch` a random tower
+of the same shape. The report names the model `imitation (pretrained tower)` /
+`imitation (scratch)`.
+
+Arg variants (`--config=configs/imitation.py:pulse,scratch`): `real` forces the release-style
+recipe (otherwise it applies whenever model.checkpoint is set); `scratch` sets
+imitation.init=scratch; `pulse` a three-step smoke run on a smaller generated benchmark.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, real=False, pulse=False, scratch=False)
+  c = ml_collections.ConfigDict()
+  c.stage = "imitation"
+  c.seed = 42
+  c.init_from = ""  # an HF dir (its tower) or an imitation workdir (own checkpoints win)
+  c.recipe = "auto"  # auto (release iff model.checkpoint is set) | release | tiny
+  c.model = common.model_config()
+  c.data = common.data_config()
+  c.mesh = common.mesh_config()
+  c.checkpoint = common.checkpoint_config()
+  # -1 / "auto" = by recipe (deepintuit_jax/trainers/imitation.py, RELEASE and TINY; the
+  # frames are SFT's: 32 frames at max_pixels 200704 real, 8 at 64*28*28 tiny).
+  c.data.max_frames = -1
+  c.data.max_pixels = -1
+  c.checkpoint.every_steps = -1
+  c.checkpoint.export = False  # the classifier is not an HF model (must stay False)
+  c.imitation = ml_collections.ConfigDict(dict(
+      init="pretrained",  # pretrained (the base checkpoint's vision tower) | scratch
+      head_width=-1,      # the head's width (tiny 64, release 512)
+      head_depth=-1,      # transformer blocks over [CLS] + the ordered tokens (1 / 2)
+      head_heads=-1,      # attention heads (4 / 8)
+      head_mlp_ratio=4,   # MLP width / head width
+      pos_frequencies=6,  # Fourier frequencies per axis of the (t, h, w) position embedding
+  ))
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=0,        # > 0 overrides epochs
+      epochs=-1,
+      batch_size=-1,      # global
+      micro_batch_size=0,  # global batch of one accumulation step; 0 = batch_size
+      learning_rate=-1.0,
+      warmup_ratio=0.06,
+      weight_decay=-1.0,  # on matrices only
+      b1=0.9, b2=0.999, eps=1e-8,
+      grad_clip=1.0,      # max global norm; 0 = off
+      frozen="",          # comma-separated regexes over parameter paths; "^visual\\." trains
+                          # the head only (a probe of the tower); "" = end to end
+      log_every=1,
+  ))
+  c.eval = ml_collections.ConfigDict(dict(
+      every_steps=0,      # 0 = only at the end
+      batch_size=8,
+      max_items=0,        # 0 = every item of each split
+  ))
+  if args.real:
+    c.recipe = "release"
+  if args.scratch:
+    c.imitation.init = "scratch"
+  if args.pulse:
+    c.train.num_steps = 3
+    c.checkpoint.every_steps = 2
+    c.data.synthetic_train, c.data.synthetic_test = 16, 4
+  return c

@@ -1,0 +1,102 @@
+"""Paths that may be local or `gs://...` URLs (`etils.epath`, the path layer Orbax uses).
+
+Every file a run writes outside its checkpoints (run_config.json, metrics.jsonl, reports,
+predictions, the HF export) goes through these helpers, so `--workdir`, `init_from` and
+checkpoint directories may be bucket URLs on a pod. Object stores have no append and no
+rename-over: `append_line` rewrites the object, `write_text` writes it whole. Libraries that
+write only to local files (tensorboardX, the safetensors writer, `save_pretrained`) write
+into a local temporary directory that `staged` copies to the destination afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+from etils import epath
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """A URL (`gs://`, `s3://`, ...) rather than a local path."""
+  return "://" in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """An `epath.Path`; local paths are made absolute, URLs kept as they are."""
+  path = os.fspath(path)
+  return epath.Path(path if is_remote(path) else os.path.abspath(os.path.expanduser(path)))
+
+
+def join(path: str | os.PathLike, *parts: str) -> str:
+  """`path / parts` as a string (a URL stays a URL)."""
+  return os.fspath(as_path(path).joinpath(*parts))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` whole: atomically (temp file + rename) on a local disk, as one object
+  upload on a bucket (an object appears only once complete)."""
+  p = as_path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(p):
+    p.write_text(text)
+    return
+  tmp = p.parent / f"{p.name}.tmp-{os.getpid()}"
+  tmp.write_text(text)
+  os.replace(tmp, p)
+
+
+def read_text(path: str | os.PathLike) -> str:
+  return as_path(path).read_text()
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+  """Appends one line (a newline is added): a real append locally, a rewrite of the whole
+  object on a bucket (objects cannot be appended to)."""
+  p = as_path(path)
+  if not is_remote(p):
+    with open(p, "a") as f:
+      f.write(line + "\n")
+    return
+  old = p.read_text() if p.exists() else ""
+  p.write_text(old + line + "\n")
+
+
+def remove(path: str | os.PathLike) -> None:
+  """Deletes a file or a directory tree (a symlink itself, not what it points to); missing
+  is fine."""
+  p = as_path(path)
+  if not is_remote(p) and os.path.islink(p):
+    os.remove(p)
+  elif p.is_dir():
+    p.rmtree()
+  elif p.exists():
+    p.unlink()
+
+
+def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+  """Copies the local directory `src` into `dst` (local or URL), file by file."""
+  src, out = os.fspath(src), as_path(dst)
+  for root, _, files in os.walk(src):
+    rel = os.path.relpath(root, src)
+    target = out if rel == "." else out / rel
+    target.mkdir(parents=True, exist_ok=True)
+    for name in files:
+      (target / name).write_bytes(epath.Path(root, name).read_bytes())
+
+
+@contextlib.contextmanager
+def staged(dst: str | os.PathLike) -> Iterator[str]:
+  """A local directory to write `dst` into: `dst` itself when it is local, else a temporary
+  directory whose contents are copied to `dst` when the body ends without error."""
+  if not is_remote(dst):
+    os.makedirs(os.fspath(as_path(dst)), exist_ok=True)
+    yield os.fspath(as_path(dst))
+    return
+  tmp = tempfile.mkdtemp(prefix="deepintuit_stage_")
+  try:
+    yield tmp
+    copy_tree(tmp, dst)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)

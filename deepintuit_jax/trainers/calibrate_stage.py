@@ -1,0 +1,173 @@
+"""The calibration stage: config -> dataclasses (once), then a composition of the shared stage
+plumbing (trainers/stage.py) around `trainers.calibrate` on the generic train step.
+
+Starts from the policy (the GRPO stage's HF export; `init_from`), trains on the trace stage's
+meta-review examples (`traces`), resumes from its own checkpoints (stage.init_train_state),
+exports the calibrator: `<workdir>/hf` (label_token: the VLM + tokenizer + calibrator.json)
+or `<workdir>/head` (hidden_state: head.safetensors + calibrator.json naming the frozen
+backbone). Two-stage inference (`evals.two_stage.Calibrator`) loads either.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from deepintuit_jax.data import chat, pipeline
+from deepintuit_jax.trainers import calibrate, loop, optim, sft, stage, traces_stage
+from deepintuit_jax.trainers.sft_stage import TrainSpec
+from deepintuit_jax.trainers.stage import CheckpointSpec, DataSpec, ModelSpec
+from deepintuit_jax.trainers.step import TrainStep
+
+# What "-1" / "auto" in configs/calibrate.py resolve to (head_learning_rate: hidden_state).
+RELEASE = dict(learning_rate=2e-5, head_learning_rate=1e-3, epochs=10, batch_size=256,
+               max_frames=32, max_pixels=200704, frozen=r"^visual\.", every_steps=500)
+TINY = dict(learning_rate=1e-3, head_learning_rate=1e-2, epochs=1, batch_size=16, max_frames=8,
+            max_pixels=64 * 28 * 28, frozen=r"^visual\.", every_steps=50)
+TRACES_COMMAND = "python -m deepintuit_jax.main --config=configs/traces.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrateRun:
+  seed: int
+  policy: str              # HF directory the calibrator starts from (and the head's backbone)
+  head: str                # label_token | hidden_state
+  model: ModelSpec
+  data: DataSpec
+  optim: optim.OptimConfig
+  train: TrainSpec
+  checkpoint: CheckpointSpec
+  prompt_meta: dict        # the trace stage's calibration_meta.json ({} when absent)
+
+  def __post_init__(self):
+    calibrate.check_head(self.head)
+
+
+def _trace_inputs(traces: str, train_file: str, class_file: str) -> tuple[str, str, dict]:
+  """(calibration file, class file, calibration_meta) from the trace workdir (explicit data
+  files win)."""
+  root = os.path.abspath(os.path.expanduser(traces)) if traces else ""
+  train_file = train_file or os.path.join(root, "calibration_train.json")
+  if not os.path.isfile(train_file):
+    raise FileNotFoundError(f"calibration examples {train_file!r} do not exist: run "
+                            f"`{TRACES_COMMAND}` first, or set --config.traces to its workdir "
+                            "(or data.train_file to a release-format calibration file)")
+  if not class_file and os.path.isfile(os.path.join(root, "classes.json")):
+    class_file = os.path.join(root, "classes.json")
+  meta_file = os.path.join(os.path.dirname(train_file), traces_stage.META)
+  meta = {}
+  if os.path.isfile(meta_file):
+    with open(meta_file) as f:
+      meta = json.load(f)
+  return train_file, class_file, meta
+
+
+def from_config(c) -> CalibrateRun:
+  """The locked ConfigDict -> frozen dataclasses (recipe sentinels resolved)."""
+  pick = stage.Recipe(c.recipe, c.model.checkpoint, RELEASE, TINY)
+  head = calibrate.check_head(c.calibrate.head)
+  model = stage.model_spec(c)
+  train_file, class_file, meta = _trace_inputs(c.traces, c.data.train_file, c.data.class_file)
+  c = c.copy_and_resolve_references()
+  with c.unlocked():
+    c.data.train_file, c.data.class_file = train_file, class_file
+  data = stage.data_spec(c, pick)
+  # Only the label token is a target (not the end token after it).
+  data = dataclasses.replace(data, options=dataclasses.replace(data.options,
+                                                               train_end_of_turn=False))
+  frozen = pick(c.train.frozen, "frozen") if head == "label_token" else (
+      c.train.frozen if c.train.frozen != "auto" else ",".join(calibrate.HEAD_FROZEN))
+  lr = pick(c.train.learning_rate,
+            "learning_rate" if head == "label_token" else "head_learning_rate")
+  batch = pick(c.train.batch_size, "batch_size")
+  return CalibrateRun(
+      seed=c.seed, policy=traces_stage.resolve_policy(c.init_from, model), head=head,
+      model=model, data=data,
+      optim=optim.OptimConfig(learning_rate=lr, warmup_ratio=c.train.warmup_ratio,
+                              weight_decay=c.train.weight_decay, b1=c.train.b1, b2=c.train.b2,
+                              eps=c.train.eps, grad_clip=c.train.grad_clip,
+                              frozen=tuple(p for p in frozen.split(",") if p)),
+      train=TrainSpec(num_steps=c.train.num_steps, epochs=pick(c.train.epochs, "epochs"),
+                      batch_size=batch, micro_batch_size=c.train.micro_batch_size or batch,
+                      log_every=c.train.log_every),
+      checkpoint=stage.checkpoint_spec(c, pick), prompt_meta=meta)
+
+
+def run(cfg: CalibrateRun, *, workdir: str, mesh) -> dict[str, Any]:
+  """Trains and exports the calibrator; returns the last training metrics row."""
+  setup = stage.prepare(seed=cfg.seed, init_from=cfg.policy, model=cfg.model, data=cfg.data,
+                        checkpoint=cfg.checkpoint, workdir=workdir, mesh=mesh)
+  label_ids = chat.label_token_ids(setup.tokenizer, setup.classes)
+  vlm_config = setup.model.config
+  if cfg.head == "hidden_state":
+    setup.model = calibrate.HeadCalibrator(setup.model, calibrate.ClassifierHead(
+        vlm_config.text.hidden_size, len(setup.classes), rngs=nnx.Rngs(cfg.seed)))
+  procs = jax.process_count()
+  if cfg.train.micro_batch_size % procs:
+    raise ValueError(f"train.micro_batch_size {cfg.train.micro_batch_size} must divide over "
+                     f"{procs} processes")
+  per_process = cfg.train.micro_batch_size // procs
+  groups = stage.batch_groups(mesh, per_process,
+                              f"train.micro_batch_size {cfg.train.micro_batch_size}")
+  loader = pipeline.make_train_loader(
+      setup.records, tokenizer=setup.tokenizer, model_config=vlm_config, options=setup.options,
+      batch_size=per_process, num_epochs=None, ledger=setup.ledger, groups=groups)
+  steps_per_epoch = max(loader.steps_per_epoch // cfg.train.accum, 1)
+  total = cfg.train.num_steps if cfg.train.num_steps > 0 else cfg.train.epochs * steps_per_epoch
+  tx = optim.make_optimizer(cfg.optim, total)
+  graphdef, state, shardings, data_state = stage.init_train_state(
+      setup, tx, cfg.optim.frozen, seed=cfg.seed, init_from=cfg.policy, mesh=mesh)
+  if data_state is not None:
+    loader.set_state(data_state)
+  if jax.process_index() == 0:
+    print(stage.summary(state, shardings, mesh), flush=True)
+    print(f"calibrator head {cfg.head}: {len(setup.records)} meta-review examples, "
+          f"{len(setup.classes)} classes {setup.classes} (label tokens {label_ids}); "
+          f"{steps_per_epoch} steps/epoch, {total} steps", flush=True)
+  step_fn = TrainStep(calibrate.make_loss_fn(graphdef, cfg.head, label_ids), tx,
+                      optim.schedule(cfg.optim, total), mesh=mesh, state_sharding=shardings,
+                      count_name="rows")
+
+  def micro_batches():
+    while True:
+      micro, tokens = [], 0
+      for _ in range(cfg.train.accum):
+        b = next(loader)
+        calibrate.check_targets(b, label_ids)
+        tokens += int(np.asarray(b["attention_mask"]).sum())
+        micro.append(step_fn.place(sft.device_batch(b)))
+      yield tuple(micro), tokens * procs, loader.get_state()
+
+  writer = loop.MetricsWriter(workdir, resume_step=int(state.step), final_step=total)
+  ahead = cfg.data.prefetch_steps if procs == 1 else 0
+  batches = loop.Prefetcher(micro_batches(), size=ahead, initial_state=loader.get_state())
+  try:
+    try:
+      state = loop.train_loop(state, step_fn, batches, total_steps=total, writer=writer,
+                              checkpointer=setup.checkpointer, log_every=cfg.train.log_every)
+    finally:
+      batches.close()
+    loader.set_state(batches.data_state)
+    export = cfg.checkpoint.export and cfg.head == "label_token"
+    stage.finish(state, graphdef=graphdef, setup=setup, data_state=loader.get_state(),
+                 evaluate=None, writer=writer, skip_metrics=loader.skip_metrics(),
+                 export_to=os.path.join(workdir, "hf") if export else None)
+    meta = dict(classes=list(setup.classes), label_ids=list(label_ids),
+                prompt=cfg.prompt_meta.get("prompt"), priority=cfg.prompt_meta.get("priority"))
+    if jax.process_index() == 0 and cfg.checkpoint.export:
+      if cfg.head == "label_token":
+        calibrate.write_meta(os.path.join(workdir, "hf"), head="label_token", **meta)
+      else:
+        model = nnx.merge(graphdef, state.params, state.frozen, state.rest)
+        calibrate.save_head(os.path.join(workdir, "head"), model.head, backbone=cfg.policy,
+                            **meta)
+    return {"step": int(state.step)}
+  finally:
+    setup.checkpointer.close()
+    loader.close()
+    writer.close()

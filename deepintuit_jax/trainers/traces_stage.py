@@ -1,0 +1,152 @@
+"""The trace-generation stage (RECIPE "Stage 2"): the policy (the GRPO model) writes K
+traces per training video at temperature 1.0 (`evals.two_stage.write_traces`, the sampler
+loop shared with eval), then every trace becomes a meta-review example
+(`data.calibration.build_examples`; wrong and tagless traces kept).
+
+Workdir: traces.jsonl (resumable), calibration_train.json (video paths absolute, so the
+calibrate stage needs no video root), classes.json ({label: definition}, in order),
+calibration_meta.json ({"prompt", "priority", "num_traces", ...}), metrics.jsonl (trace
+accuracy and format rate against the labels).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+
+from deepintuit_jax import checkpointing
+from deepintuit_jax.data import annotations, calibration, errors, prompts, traces
+from deepintuit_jax.evals import generation, two_stage
+from deepintuit_jax.trainers import loop, stage
+from deepintuit_jax.trainers.stage import DataSpec, ModelSpec
+
+RELEASE = dict(num_traces=4, max_new_tokens=2048, max_frames=32, max_pixels=200704,
+               prompt="full")
+TINY = dict(num_traces=4, max_new_tokens=192, max_frames=8, max_pixels=64 * 28 * 28,
+            prompt="compact")
+META = "calibration_meta.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TracesRun:
+  seed: int
+  policy: str              # HF directory of the policy
+  model: ModelSpec
+  data: DataSpec
+  sampling: generation.EvalConfig
+  num_traces: int
+  prompt: str              # full | compact meta-review prompt
+  priority: tuple[str, ...] | None
+  max_items: int
+
+  def __post_init__(self):
+    if self.num_traces < 1:
+      raise ValueError(f"traces.num_traces={self.num_traces} must be >= 1")
+    if self.prompt not in two_stage.PROMPTS:
+      raise ValueError(f"traces.prompt={self.prompt!r}: must be one of {two_stage.PROMPTS}")
+
+
+def resolve_policy(init_from: str, model: ModelSpec, *, what: str = "init_from",
+                   produced_by: str = "the GRPO stage") -> str:
+  """The HF directory of a model handed over by a previous stage: `init_from` is an HF
+  directory or a stage workdir holding its `hf/` export; "none" / "" = model.checkpoint."""
+  if init_from in ("", "none"):
+    return model.checkpoint
+  path = os.path.abspath(os.path.expanduser(init_from))
+  for cand in (path, os.path.join(path, "hf")):
+    if os.path.isfile(os.path.join(cand, "config.json")):
+      return cand
+  raise FileNotFoundError(
+      f"{what} {init_from!r}: neither an HF directory (config.json + safetensors) nor a stage "
+      f"workdir with an hf/ export; run {produced_by} first (checkpoint.export=True), or "
+      f"point {what} at a model")
+
+
+def class_definitions(class_file: str, records) -> dict[str, str]:
+  """{label: definition} from the class file, else the records' labels (no definitions)."""
+  if class_file:
+    return dict(annotations.load_class_file(class_file))
+  return {c: "" for c in annotations.labels_from_records(records)}
+
+
+def parse_priority(spec: str) -> tuple[str, ...] | None:
+  parts = tuple(p.strip() for p in spec.split(",") if p.strip())
+  return parts or None
+
+
+def from_config(c) -> TracesRun:
+  pick = stage.Recipe(c.recipe, c.model.checkpoint, RELEASE, TINY)
+  model = stage.model_spec(c)
+  t = c.traces
+  return TracesRun(
+      seed=c.seed, policy=resolve_policy(c.init_from, model), model=model,
+      data=stage.data_spec(c, pick),
+      sampling=generation.EvalConfig(batch_size=t.batch_size,
+                                     max_new_tokens=pick(t.max_new_tokens, "max_new_tokens"),
+                                     temperature=t.temperature, seed=c.seed),
+      num_traces=pick(t.num_traces, "num_traces"), prompt=pick(t.prompt, "prompt"),
+      priority=parse_priority(t.priority), max_items=t.max_items)
+
+
+def _absolute_videos(records, video_root: str | None):
+  """Records with their video paths resolved (the calibration file then stands alone)."""
+  return [dataclasses.replace(r, video=annotations.resolve_video_path(
+      r.video, video_root, item_id=r.item_id)) for r in records]
+
+
+def trace_stats(rows, labels) -> dict[str, float]:
+  """Share of traces whose answer is the label, and of well-formatted traces."""
+  n = max(len(rows), 1)
+  correct = sum(prompts.answer_matches(r["response"], r["label"]) for r in rows
+                if r.get("label"))
+  return {"traces": float(len(rows)), "trace_accuracy": correct / n,
+          "trace_format_rate": sum(prompts.is_well_formatted(r["response"]) for r in rows) / n,
+          "classes": float(len(labels))}
+
+
+def run(cfg: TracesRun, *, workdir: str, mesh) -> dict[str, Any]:
+  """Writes the traces (resuming a killed run) and the calibration examples."""
+  ledger = errors.SkipLedger()
+  o = cfg.data.options
+  records = annotations.load_records(cfg.data.train_file, on_bad_sample=o.on_bad_sample,
+                                     ledger=ledger)
+  if cfg.max_items:
+    records = records[:cfg.max_items]
+  defs = class_definitions(cfg.data.class_file, records)
+  labels = list(defs)
+  options = dataclasses.replace(o, labels=tuple(labels), shuffle=False)
+  path = os.path.join(workdir, "traces.jsonl")
+  print(f"policy: {cfg.policy}\n{len(records)} training videos x {cfg.num_traces} traces "
+        f"(temperature {cfg.sampling.temperature}, up to {cfg.sampling.max_new_tokens} "
+        f"tokens) -> {path}", flush=True)
+  model, tokenizer = two_stage.load_model(cfg.policy, labels, dtype=cfg.model.dtype, mesh=mesh,
+                                          seed=cfg.seed, tokens=cfg.data.special_tokens)
+  stats = two_stage.write_traces(model, tokenizer, records, path, options=options,
+                                 cfg=cfg.sampling, num_traces=cfg.num_traces)
+  del model
+  rows = traces.read_traces(path)
+  if jax.process_index() != 0:
+    return {}
+  examples = calibration.build_examples(_absolute_videos(records, o.video_root), rows, defs,
+                                        priority=cfg.priority, compact=cfg.prompt == "compact")
+  calibration.write_examples(os.path.join(workdir, "calibration_train.json"), examples)
+  with open(os.path.join(workdir, "classes.json"), "w") as f:  # in class order (not sorted)
+    json.dump(defs, f, indent=1, ensure_ascii=False)
+  checkpointing.write_json(os.path.join(workdir, META), {
+      "prompt": cfg.prompt, "priority": list(cfg.priority) if cfg.priority else None,
+      "num_traces": cfg.num_traces, "policy": cfg.policy, "sampling": dataclasses.asdict(
+          cfg.sampling)})
+  m = trace_stats(rows, labels)
+  m.update({f"generation/{k}": float(v) for k, v in stats.items()})
+  writer = loop.MetricsWriter(workdir)
+  writer.write(0, m, prefix="traces/")
+  writer.close()
+  if ledger.total:
+    print(ledger.summary(), flush=True)
+  print(f"{len(rows)} traces ({stats['written']} written now), trace accuracy "
+        f"{m['trace_accuracy']:.3f}, format rate {m['trace_format_rate']:.3f}; "
+        f"{len(examples)} calibration examples", flush=True)
+  return m

@@ -1,0 +1,195 @@
+"""GRPO learner on the tiny model: learner batch layout, the policy loss on the generic step
+(on-policy gradient = REINFORCE's, micro-batches = one batch), and one compile per shape
+for the rollout, old-logp and update passes."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deepintuit_jax.data import batching
+from deepintuit_jax.data.examples import PipelineOptions
+from deepintuit_jax.models import testing
+from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
+from deepintuit_jax.sampling import sampler
+from deepintuit_jax.trainers import logprobs, optim
+from deepintuit_jax.trainers import state as train_state
+from deepintuit_jax.trainers.grpo import learner as learner_lib
+from deepintuit_jax.trainers.grpo import rollout as rollout_lib
+
+# The tiny model (its tokenizer decodes the rollouts) with one decoder layer and one vision
+# block; the loss tests use the micro model (vocab 50): only shapes and math matter there.
+CFG = testing.tiny_config()
+CFG = CFG.replace(text=dataclasses.replace(CFG.text, num_hidden_layers=1),
+                  vision=dataclasses.replace(CFG.vision, depth=1, fullatt_block_indexes=(0,)))
+MICRO = testing.micro_config()
+MICRO = MICRO.replace(text=dataclasses.replace(MICRO.text, num_hidden_layers=1))
+OPTS = PipelineOptions(length_buckets=(96,), max_seq_len=96, patch_buckets=(64, 256),
+                       max_frame_patches=16)
+PAD = testing.TOKEN_IDS["<|endoftext|>"]
+PATCH_DIM = CFG.vision.patch_dim
+assert MICRO.vision.patch_dim == PATCH_DIM
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return testing.build_tokenizer()
+
+
+def _prompt(rng, i, cfg):
+  """A generation prompt: text, one 2x4x4 video (8 merged tokens), text."""
+  top = min(cfg.text.vocab_size - 10, 900)
+  ids = np.concatenate([rng.integers(10, top, 3 + i % 3), [cfg.vision_start_token_id],
+                        np.full(8, cfg.video_token_id), [cfg.vision_end_token_id],
+                        rng.integers(10, top, 4)]).astype(np.int32)
+  return dict(input_ids=ids, loss_mask=np.zeros(len(ids), np.int32),
+              video_grid_thw=np.array([[2, 4, 4]], np.int32),
+              second_per_grid_ts=np.array([1.0], np.float32),
+              pixel_values_videos=rng.normal(size=(32, PATCH_DIM)).astype(np.float32),
+              label=f"c{i % 2}", item_id=f"p{i}")
+
+
+def _prompt_batch(seed, n=2, cfg=CFG):
+  rng = np.random.default_rng(seed)
+  return batching.collate([_prompt(rng, i, cfg) for i in range(n)], batch_size=n, options=OPTS,
+                          model_config=cfg, pad_id=PAD)
+
+
+def _rollout(seed=0, n=2, g=2, length=5, cfg=CFG):
+  """A hand-made rollout: n prompts x g responses of 1..length tokens."""
+  rng = np.random.default_rng(seed)
+  prompts = rollout_lib.split_prompts(_prompt_batch(seed, n, cfg))
+  lengths = rng.integers(1, length + 1, n * g).astype(np.int32)
+  tokens = np.full((n * g, length), PAD, np.int32)
+  logp = np.zeros((n * g, length), np.float32)
+  for r, k in enumerate(lengths):
+    tokens[r, :k] = rng.integers(10, min(cfg.text.vocab_size - 10, 900), k)
+    logp[r, :k] = -rng.uniform(0.1, 3.0, k)
+  return rollout_lib.Rollout(prompts=prompts, group_size=g, tokens=tokens, logprobs=logp,
+                             lengths=lengths, texts=[""] * (n * g),
+                             truncated=np.zeros(n * g, bool))
+
+
+def test_split_prompts_and_micro_batch_layout():
+  batch = _prompt_batch(0, 2)
+  prompts = rollout_lib.split_prompts(batch)
+  for i, p in enumerate(prompts):
+    np.testing.assert_array_equal(p["input_ids"],
+                                  batch["input_ids"][i][batch["attention_mask"][i] == 1])
+    np.testing.assert_array_equal(p["pixel_values_videos"],
+                                  batch["pixel_values_videos"][32 * i:32 * (i + 1)])
+  ro = _rollout()
+  adv = np.array([1.0, -1.0, 0.5, -0.5], np.float32)
+  old = ro.logprobs - 0.25
+  mb = ro.micro_batch([1], advantages=adv, options=OPTS, model_config=CFG, pad_id=PAD,
+                      token_arrays={"old_logprobs": old})
+  np.testing.assert_array_equal(mb["advantages"], [0.5, -0.5])  # prompt 1 = rows 2, 3
+  for i, r in enumerate((2, 3)):
+    p, n = ro.prompts[1]["input_ids"], int(ro.lengths[r])
+    ids = mb["input_ids"][i]
+    np.testing.assert_array_equal(ids[:len(p)], p)
+    np.testing.assert_array_equal(ids[len(p):len(p) + n], ro.tokens[r, :n])
+    assert (ids[len(p) + n:] == PAD).all() and mb["attention_mask"][i].sum() == len(p) + n
+    # Logit-aligned: position t scores token t + 1, so the response starts at len(p) - 1.
+    want = np.zeros(96, np.int32)
+    want[len(p) - 1:len(p) - 1 + n] = 1
+    np.testing.assert_array_equal(mb["loss_mask"][i], want)
+    np.testing.assert_array_equal(mb["rollout_logprobs"][i][want == 1], ro.logprobs[r, :n])
+    np.testing.assert_array_equal(mb["old_logprobs"][i][want == 1], old[r, :n])
+    assert not mb["rollout_logprobs"][i][want == 0].any()
+  # Each row carries its own copy of its prompt's video.
+  np.testing.assert_array_equal(mb["pixel_values_videos"][:32], ro.prompts[1]["pixel_values_videos"])
+  np.testing.assert_array_equal(mb["pixel_values_videos"][32:64], ro.prompts[1]["pixel_values_videos"])
+  grouped = ro.micro_batch([0, 1], advantages=adv, options=OPTS, model_config=CFG, pad_id=PAD,
+                           groups=2)
+  assert grouped["input_ids"].shape == (2, 2, 96) and grouped["advantages"].shape == (2, 2)
+  np.testing.assert_array_equal(grouped["advantages"], adv.reshape(2, 2))
+
+
+def _setup(lr=1e-3, seed=0, cfg=CFG, tx=None):
+  model = Qwen2_5_VL(cfg, rngs=nnx.Rngs(seed))
+  ocfg = optim.OptimConfig(learning_rate=lr, warmup_ratio=0.0, grad_clip=0.0)
+  tx = tx or optim.make_optimizer(ocfg, 100)
+  graphdef, state = train_state.init_state(model, tx, (), seed)
+  return graphdef, state, tx, optim.schedule(ocfg, 100)
+
+
+def _current_logprobs(graphdef, state, ro, adv, model_config):
+  """Response-aligned log-probs of the rollout under the state's parameters."""
+  cfg = learner_lib.GRPOConfig(group_size=ro.group_size, prompts_per_rollout=ro.num_prompts,
+                               mini_batch_prompts=ro.num_prompts, logp_chunk=0)
+  learner = learner_lib.GRPOLearner(graphdef, optax_sgd(), lambda s: 0.0, cfg=cfg,
+                                    tokenizer=None, options=OPTS, model_config=model_config,
+                                    pad_id=PAD)
+  return learner._logprobs((state.params, state.frozen, state.rest), ro, adv)
+
+
+def optax_sgd():
+  import optax
+  return optax.sgd(1.0)
+
+
+def test_on_policy_gradient_is_reinforce_and_micro_batches_equal_one_batch():
+  """With SGD at lr 1 the step's parameter change is minus its gradient: on-policy (old =
+  rollout = current log-probs) it equals the REINFORCE gradient of the group advantages,
+  and two micro-batches (one prompt group each) give the one-batch step."""
+  graphdef, state, tx, _ = _setup(cfg=MICRO, tx=optax_sgd())
+  ro = _rollout(seed=1, n=2, g=2, cfg=MICRO)
+  adv = np.array([1.0, -1.0, 0.7, -0.7], np.float32)
+  cur = _current_logprobs(graphdef, state, ro, adv, MICRO)
+  ro = dataclasses.replace(ro, logprobs=cur)  # the rollout's own log-probs: on-policy too
+  cfg = learner_lib.GRPOConfig(group_size=2, prompts_per_rollout=2, mini_batch_prompts=2,
+                               logp_chunk=7)
+  kw = dict(advantages=adv, options=OPTS, model_config=MICRO, pad_id=PAD,
+            token_arrays={"old_logprobs": cur})
+  whole = ro.micro_batch([0, 1], **kw)
+
+  def reinforce(p, mb):
+    """-(1 / tokens) sum_t A * log p(token t): REINFORCE with the group advantage."""
+    lp, _ = logprobs.group_logprobs(graphdef, p, state.frozen, state.rest, mb)
+    mask = mb["loss_mask"].astype(jnp.float32)
+    return -jnp.sum(mb["advantages"][:, None] * lp * mask) / jnp.sum(mask)
+  want = jax.jit(jax.grad(reinforce))(state.params, whole)
+
+  step = learner_lib.TrainStep(learner_lib.make_loss_fn(graphdef, cfg), tx,
+                               lambda s: 1.0, count_name="loss_weight",
+                               finalize_aux=learner_lib.finalize_aux)
+  parts = tuple(ro.micro_batch([i], length=96, patches=64, **kw) for i in (0, 1))
+  s1, m1 = step(jax.tree.map(jnp.copy, state), (whole,))
+  s2, m2 = step(jax.tree.map(jnp.copy, state), parts)
+  for p0, p1, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(s1.params),
+                       jax.tree.leaves(want)):
+    p0, p1, b = np.asarray(p0), np.asarray(p1), np.asarray(b)
+    # p0 - p1 is exact only to the rounding of p1 (float32 ulps of the parameters).
+    tol = 1e-4 * np.abs(b).max() + 2 * np.finfo(np.float32).eps * np.abs(p0).max()
+    assert np.abs((p0 - p1) - b).max() <= tol
+  assert float(m1["loss_weight"]) == float(m2["loss_weight"]) == float(ro.lengths.sum())
+  for k in ("loss", "grad_norm", "pg_loss", "ppo_kl", "entropy"):
+    np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-4, atol=1e-7)
+  assert float(m1["pg_clipfrac"]) == 0.0 and abs(float(m1["ppo_kl"])) < 1e-5  # on-policy
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_rollout_old_logp_and_update_compile_once_per_shape(tokenizer):
+  graphdef, state, tx, lr = _setup()
+  cfg = learner_lib.GRPOConfig(group_size=2, prompts_per_rollout=2, mini_batch_prompts=1,
+                               max_response_tokens=6, logp_chunk=64)
+  learner = learner_lib.GRPOLearner(graphdef, tx, lr, cfg=cfg, tokenizer=tokenizer,
+                                    options=OPTS, model_config=CFG, pad_id=PAD)
+  before = sampler._sample_jit._cache_size()
+  for seed in range(3):  # different prompts, the same (prompt, response) buckets
+    state, m = learner.iteration(state, _prompt_batch(seed))
+    assert m["ok"] and m["optimizer_steps"] == 2
+    assert np.isfinite(m["loss"]) and 1 <= m["response_length_mean"] <= 6
+  assert int(state.step) == 6
+  assert sampler._sample_jit._cache_size() - before == 1
+  assert learner.logp.num_traces() == 1 and learner.update.num_traces() == 1
+  for k in ("reward_mean", "reward/format", "reward/accuracy", "pg_clipfrac", "ppo_kl",
+            "entropy", "rollout_time", "old_logp_time", "update_time",
+            "rollout_tokens_per_second", "update_tokens_per_second", "advantage_std"):
+    assert k in m and np.isfinite(m[k]), k
