@@ -18,8 +18,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from deepintuit_jax.data import chat, pipeline
-from deepintuit_jax.trainers import calibrate, loop, optim, sft, stage, traces_stage
+from deepintuit_jax.data import chat
+from deepintuit_jax.trainers import calibrate, optim, sft, stage, traces_stage
 from deepintuit_jax.trainers.sft_stage import TrainSpec
 from deepintuit_jax.trainers.stage import CheckpointSpec, DataSpec, ModelSpec
 from deepintuit_jax.trainers.step import TrainStep
@@ -107,18 +107,9 @@ def run(cfg: CalibrateRun, *, workdir: str, mesh) -> dict[str, Any]:
   if cfg.head == "hidden_state":
     setup.model = calibrate.HeadCalibrator(setup.model, calibrate.ClassifierHead(
         vlm_config.text.hidden_size, len(setup.classes), rngs=nnx.Rngs(cfg.seed)))
+  data = stage.train_data(setup, cfg.train, mesh, model_config=vlm_config)
+  loader, total, steps_per_epoch = data.loader, data.total, data.steps_per_epoch
   procs = jax.process_count()
-  if cfg.train.micro_batch_size % procs:
-    raise ValueError(f"train.micro_batch_size {cfg.train.micro_batch_size} must divide over "
-                     f"{procs} processes")
-  per_process = cfg.train.micro_batch_size // procs
-  groups = stage.batch_groups(mesh, per_process,
-                              f"train.micro_batch_size {cfg.train.micro_batch_size}")
-  loader = pipeline.make_train_loader(
-      setup.records, tokenizer=setup.tokenizer, model_config=vlm_config, options=setup.options,
-      batch_size=per_process, num_epochs=None, ledger=setup.ledger, groups=groups)
-  steps_per_epoch = max(loader.steps_per_epoch // cfg.train.accum, 1)
-  total = cfg.train.num_steps if cfg.train.num_steps > 0 else cfg.train.epochs * steps_per_epoch
   tx = optim.make_optimizer(cfg.optim, total)
   graphdef, state, shardings, data_state = stage.init_train_state(
       setup, tx, cfg.optim.frozen, seed=cfg.seed, init_from=cfg.policy, mesh=mesh)
@@ -143,31 +134,19 @@ def run(cfg: CalibrateRun, *, workdir: str, mesh) -> dict[str, Any]:
         micro.append(step_fn.place(sft.device_batch(b)))
       yield tuple(micro), tokens * procs, loader.get_state()
 
-  writer = loop.MetricsWriter(workdir, resume_step=int(state.step), final_step=total)
-  ahead = cfg.data.prefetch_steps if procs == 1 else 0
-  batches = loop.Prefetcher(micro_batches(), size=ahead, initial_state=loader.get_state())
-  try:
-    try:
-      state = loop.train_loop(state, step_fn, batches, total_steps=total, writer=writer,
-                              checkpointer=setup.checkpointer, log_every=cfg.train.log_every)
-    finally:
-      batches.close()
-    loader.set_state(batches.data_state)
-    export = cfg.checkpoint.export and cfg.head == "label_token"
-    stage.finish(state, graphdef=graphdef, setup=setup, data_state=loader.get_state(),
-                 evaluate=None, writer=writer, skip_metrics=loader.skip_metrics(),
-                 export_to=os.path.join(workdir, "hf") if export else None)
-    meta = dict(classes=list(setup.classes), label_ids=list(label_ids),
-                prompt=cfg.prompt_meta.get("prompt"), priority=cfg.prompt_meta.get("priority"))
-    if jax.process_index() == 0 and cfg.checkpoint.export:
-      if cfg.head == "label_token":
-        calibrate.write_meta(os.path.join(workdir, "hf"), head="label_token", **meta)
-      else:
-        model = nnx.merge(graphdef, state.params, state.frozen, state.rest)
-        calibrate.save_head(os.path.join(workdir, "head"), model.head, backbone=cfg.policy,
-                            **meta)
-    return {"step": int(state.step)}
-  finally:
-    setup.checkpointer.close()
-    loader.close()
-    writer.close()
+  export = cfg.checkpoint.export and cfg.head == "label_token"
+  state, _ = stage.train_and_finish(
+      state, step_fn, micro_batches, graphdef=graphdef, setup=setup, loader=loader,
+      workdir=workdir, total=total, log_every=cfg.train.log_every,
+      prefetch_steps=cfg.data.prefetch_steps,
+      export_to=os.path.join(workdir, "hf") if export else None)
+  meta = dict(classes=list(setup.classes), label_ids=list(label_ids),
+              prompt=cfg.prompt_meta.get("prompt"), priority=cfg.prompt_meta.get("priority"))
+  if jax.process_index() == 0 and cfg.checkpoint.export:
+    if cfg.head == "label_token":
+      calibrate.write_meta(os.path.join(workdir, "hf"), head="label_token", **meta)
+    else:
+      model = nnx.merge(graphdef, state.params, state.frozen, state.rest)
+      calibrate.save_head(os.path.join(workdir, "head"), model.head, backbone=cfg.policy,
+                          **meta)
+  return {"step": int(state.step)}

@@ -308,19 +308,10 @@ def run(cfg: ImitationRun, *, workdir: str, mesh) -> dict[str, Any]:
                         data=cfg.data, checkpoint=cfg.checkpoint, workdir=workdir, mesh=mesh)
   base_config = setup.model.config
   merge = base_config.vision.spatial_merge_size
+  data = stage.train_data(setup, cfg.train, mesh, model_config=base_config)
+  loader, total, groups = data.loader, data.total, data.groups
+  steps_per_epoch = data.steps_per_epoch
   procs = jax.process_count()
-  if cfg.train.micro_batch_size % procs:
-    raise ValueError(f"train.micro_batch_size {cfg.train.micro_batch_size} must divide over "
-                     f"{procs} processes")
-  per_process = cfg.train.micro_batch_size // procs
-  groups = stage.batch_groups(mesh, per_process,
-                              f"train.micro_batch_size {cfg.train.micro_batch_size}")
-  loader = pipeline.make_train_loader(
-      setup.records, tokenizer=setup.tokenizer, model_config=base_config,
-      options=setup.options, batch_size=per_process, num_epochs=None, ledger=setup.ledger,
-      groups=groups)
-  steps_per_epoch = max(loader.steps_per_epoch // cfg.train.accum, 1)
-  total = cfg.train.num_steps if cfg.train.num_steps > 0 else cfg.train.epochs * steps_per_epoch
   tx = optim.make_optimizer(cfg.optim, total)
   setup.model = build_classifier(setup.model, cfg.imitation, len(setup.classes), seed=cfg.seed,
                                  mesh=mesh)
@@ -351,26 +342,13 @@ def run(cfg: ImitationRun, *, workdir: str, mesh) -> dict[str, Any]:
                    for b in raw)
       yield micro, tokens * procs, loader.get_state()
 
-  writer = loop.MetricsWriter(workdir)
-  evaluate = Evaluator(workdir=workdir, graphdef=graphdef, setup=setup, model_config=base_config,
-                       eval_files=cfg.data.eval_files, spec=cfg.eval,
-                       model_name=cfg.imitation.model_name, total_steps=total, writer=writer,
-                       mesh=mesh)
-  ahead = cfg.data.prefetch_steps if procs == 1 else 0
-  batches = loop.Prefetcher(micro_batches(), size=ahead, initial_state=loader.get_state())
-  try:
-    try:
-      state = loop.train_loop(
-          state, step_fn, batches, total_steps=total, writer=writer,
-          checkpointer=setup.checkpointer, log_every=cfg.train.log_every,
-          eval_fn=evaluate if evaluate else None, eval_every=cfg.eval_every)
-    finally:
-      batches.close()
-    loader.set_state(batches.data_state)  # rewind the read-ahead (and its skip counts)
-    return stage.finish(state, graphdef=graphdef, setup=setup, data_state=loader.get_state(),
-                        evaluate=evaluate, writer=writer, skip_metrics=loader.skip_metrics(),
-                        export_to=None)
-  finally:
-    setup.checkpointer.close()
-    loader.close()
-    writer.close()
+  _, results = stage.train_and_finish(
+      state, step_fn, micro_batches, graphdef=graphdef, setup=setup, loader=loader,
+      workdir=workdir, total=total, log_every=cfg.train.log_every,
+      prefetch_steps=cfg.data.prefetch_steps,
+      make_evaluator=lambda writer: Evaluator(
+          workdir=workdir, graphdef=graphdef, setup=setup, model_config=base_config,
+          eval_files=cfg.data.eval_files, spec=cfg.eval, model_name=cfg.imitation.model_name,
+          total_steps=total, writer=writer, mesh=mesh),
+      eval_every=cfg.eval_every)
+  return results

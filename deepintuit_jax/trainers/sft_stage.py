@@ -14,9 +14,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from deepintuit_jax.data import pipeline
 from deepintuit_jax.evals import generation
-from deepintuit_jax.trainers import loop, optim, sft, stage
+from deepintuit_jax.trainers import optim, sft, stage
 from deepintuit_jax.trainers.stage import CheckpointSpec, DataSpec, ModelSpec
 
 # What "-1" / "auto" in configs/sft.py resolve to.
@@ -86,19 +85,8 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
   """Trains, evaluates and exports; returns the final eval metrics by split."""
   setup = stage.prepare(seed=cfg.seed, init_from=cfg.init_from, model=cfg.model,
                         data=cfg.data, checkpoint=cfg.checkpoint, workdir=workdir, mesh=mesh)
-  procs = jax.process_count()
-  if cfg.train.micro_batch_size % procs:
-    raise ValueError(f"train.micro_batch_size {cfg.train.micro_batch_size} must divide over "
-                     f"{procs} processes")
-  per_process = cfg.train.micro_batch_size // procs
-  groups = stage.batch_groups(mesh, per_process,
-                              f"train.micro_batch_size {cfg.train.micro_batch_size}")
-  loader = pipeline.make_train_loader(
-      setup.records, tokenizer=setup.tokenizer, model_config=setup.model.config,
-      options=setup.options, batch_size=per_process, num_epochs=None, ledger=setup.ledger,
-      groups=groups)
-  steps_per_epoch = max(loader.steps_per_epoch // cfg.train.accum, 1)
-  total = cfg.train.num_steps if cfg.train.num_steps > 0 else cfg.train.epochs * steps_per_epoch
+  data = stage.train_data(setup, cfg.train, mesh)
+  loader, total = data.loader, data.total
   tx = optim.make_optimizer(cfg.optim, total)
   graphdef, state, shardings, data_state = stage.init_train_state(
       setup, tx, cfg.optim.frozen, seed=cfg.seed, init_from=cfg.init_from, mesh=mesh)
@@ -107,11 +95,12 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
   if jax.process_index() == 0:
     print(stage.summary(state, shardings, mesh), flush=True)
     print(f"{len(setup.records)} training records, {len(setup.classes)} classes "
-          f"{setup.classes}; {steps_per_epoch} steps/epoch, {total} steps, accumulation "
-          f"{cfg.train.accum}, {groups} batch group(s) per process, loss chunk "
+          f"{setup.classes}; {data.steps_per_epoch} steps/epoch, {total} steps, accumulation "
+          f"{cfg.train.accum}, {data.groups} batch group(s) per process, loss chunk "
           f"{cfg.train.loss_chunk or 'off'}", flush=True)
   step_fn = sft.make_train_step(graphdef, tx, optim.schedule(cfg.optim, total), mesh=mesh,
                                 state_sharding=shardings, loss_chunk=cfg.train.loss_chunk)
+  procs = jax.process_count()
 
   def micro_batches():
     while True:
@@ -122,29 +111,13 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
         micro.append(step_fn.place(sft.device_batch(b)))  # host->device in this thread
       yield tuple(micro), tokens * procs, loader.get_state()
 
-  # Rows past the restored step (a killed run's) are dropped once, so each step has one row.
-  writer = loop.MetricsWriter(workdir, resume_step=int(state.step), final_step=total)
-  evaluate = stage.Evaluator(workdir=workdir, graphdef=graphdef, setup=setup,
-                             eval_files=cfg.data.eval_files, cfg=cfg.eval, writer=writer)
-  # Host-side batch preparation runs ahead in a thread; checkpoints record the position of
-  # the batches actually trained on, not the read-ahead. Several processes agree on batch
-  # shapes with a collective (pipeline.process_max) that must not race the train step's
-  # collectives from another thread: no read-ahead there.
-  ahead = cfg.data.prefetch_steps if procs == 1 else 0
-  batches = loop.Prefetcher(micro_batches(), size=ahead, initial_state=loader.get_state())
-  try:
-    try:
-      state = loop.train_loop(
-          state, step_fn, batches, total_steps=total, writer=writer,
-          checkpointer=setup.checkpointer, log_every=cfg.train.log_every,
-          eval_fn=evaluate if evaluate else None, eval_every=cfg.eval_every)
-    finally:
-      batches.close()
-    loader.set_state(batches.data_state)  # rewind the read-ahead (and its skip counts)
-    return stage.finish(state, graphdef=graphdef, setup=setup, data_state=loader.get_state(),
-                        evaluate=evaluate, writer=writer, skip_metrics=loader.skip_metrics(),
-                        export_to=os.path.join(workdir, "hf") if cfg.checkpoint.export else None)
-  finally:
-    setup.checkpointer.close()
-    loader.close()
-    writer.close()
+  _, results = stage.train_and_finish(
+      state, step_fn, micro_batches, graphdef=graphdef, setup=setup, loader=loader,
+      workdir=workdir, total=total, log_every=cfg.train.log_every,
+      prefetch_steps=cfg.data.prefetch_steps,
+      make_evaluator=lambda writer: stage.Evaluator(
+          workdir=workdir, graphdef=graphdef, setup=setup, eval_files=cfg.data.eval_files,
+          cfg=cfg.eval, writer=writer),
+      eval_every=cfg.eval_every,
+      export_to=os.path.join(workdir, "hf") if cfg.checkpoint.export else None)
+  return results

@@ -7,6 +7,8 @@
 * `prepare`: resume order, tokenizer (+ the release's added tokens), records, classes, model;
 * `init_train_state`: the one resume order (the workdir's own latest complete checkpoint >
   `init_from` > `model.checkpoint`), placed on the mesh;
+* `train_data` / `train_and_finish`: a labelled-batch stage's loader, and the loop's tail
+  every stage shares (writer, read-ahead, train loop, final checkpoint, eval, export);
 * `Evaluator`: held-out generative eval (metrics rows, predictions, report) on a cadence;
 * `export`: the trained model as an HF directory with the extended tokenizer.
 """
@@ -272,6 +274,73 @@ def batch_groups(mesh, rows_per_process: int, what: str) -> int:
           "data-parallel shards: vision runs replicated on every device", flush=True)
     return 1
   return groups
+
+
+@dataclasses.dataclass
+class TrainData:
+  """A labelled-batch stage's training loader: `groups` data-parallel groups per process
+  micro-batch, `steps_per_epoch` optimizer steps per pass, `total` steps to run."""
+  loader: Any
+  groups: int
+  steps_per_epoch: int
+  total: int
+
+
+def train_data(setup: Setup, train, mesh, *, model_config=None) -> TrainData:
+  """The endless training loader of a stage that reads labelled batches (SFT, calibration,
+  imitation). `train` has micro_batch_size (global rows per accumulation step), accum,
+  num_steps (> 0 wins) and epochs; each process reads its share of every micro-batch."""
+  procs = jax.process_count()
+  if train.micro_batch_size % procs:
+    raise ValueError(f"train.micro_batch_size {train.micro_batch_size} must divide over "
+                     f"{procs} processes")
+  per_process = train.micro_batch_size // procs
+  groups = batch_groups(mesh, per_process, f"train.micro_batch_size {train.micro_batch_size}")
+  loader = pipeline.make_train_loader(
+      setup.records, tokenizer=setup.tokenizer,
+      model_config=model_config or setup.model.config, options=setup.options,
+      batch_size=per_process, num_epochs=None, ledger=setup.ledger, groups=groups)
+  steps_per_epoch = max(loader.steps_per_epoch // train.accum, 1)
+  total = train.num_steps if train.num_steps > 0 else train.epochs * steps_per_epoch
+  return TrainData(loader=loader, groups=groups, steps_per_epoch=steps_per_epoch, total=total)
+
+
+def train_and_finish(state: TrainState, step_fn, micro_batches: Callable[[], Any], *,
+                     graphdef, setup: Setup, loader, workdir: str, total: int, log_every: int,
+                     prefetch_steps: int,
+                     make_evaluator: Callable[[loop.MetricsWriter], Any] | None = None,
+                     eval_every: int = 0, export_to: str | None = None
+                     ) -> tuple[TrainState, dict[str, dict]]:
+  """The tail every stage shares: metrics writer, read-ahead, `loop.train_loop`, `finish`.
+
+  micro_batches(): a generator of (micro-batches, tokens, loader state) per step;
+  make_evaluator(writer): the stage's evaluator (or None). Host-side batches are prepared
+  ahead in a thread (`prefetch_steps`; none with several processes, whose batch-shape
+  collectives must not race the step's); checkpoints record the position of the batches
+  trained on, not the read-ahead. Rows of `metrics.jsonl` past the restored step (a killed
+  run's) are dropped once, so each step has one row. Closes the checkpointer, the loader and
+  the writer. Returns (final state, final eval metrics by split)."""
+  writer = loop.MetricsWriter(workdir, resume_step=int(state.step), final_step=total)
+  try:
+    evaluate = make_evaluator(writer) if make_evaluator else None
+    ahead = prefetch_steps if jax.process_count() == 1 else 0
+    batches = loop.Prefetcher(micro_batches(), size=ahead, initial_state=loader.get_state())
+    try:
+      state = loop.train_loop(
+          state, step_fn, batches, total_steps=total, writer=writer,
+          checkpointer=setup.checkpointer, log_every=log_every,
+          eval_fn=evaluate if evaluate else None, eval_every=eval_every)
+    finally:
+      batches.close()
+    loader.set_state(batches.data_state)  # rewind the read-ahead (and its skip counts)
+    results = finish(state, graphdef=graphdef, setup=setup, data_state=loader.get_state(),
+                     evaluate=evaluate, writer=writer, skip_metrics=loader.skip_metrics(),
+                     export_to=export_to)
+    return state, results
+  finally:
+    setup.checkpointer.close()
+    loader.close()
+    writer.close()
 
 
 def summary(state: TrainState, shardings: TrainState, mesh) -> str:
