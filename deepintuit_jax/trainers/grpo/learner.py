@@ -10,6 +10,11 @@
 `GRPOLearner.iteration(state, prompt_batch) -> (state, metrics)` is the loop's step: it
 advances `state.step` by the number of optimizer steps taken. Rollout keys come from
 `state.step_key` (fold_in(rng, step, attempt)), so a resumed run samples the same responses.
+
+Several processes: each rolls out, scores and normalises its own prompts (a group never
+straddles processes), builds its own rows of every learner micro-batch (shapes agreed by
+`pipeline.process_max`) and places them as global batches; process 0 logs the metrics of
+all processes (`collective`). P processes log what one process with all devices logs.
 """
 from __future__ import annotations
 

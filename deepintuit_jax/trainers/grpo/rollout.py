@@ -4,7 +4,9 @@
 `num_samples=G`) and returns a host-side `Rollout`: per prompt its real prompt tokens and
 video, per response row (rows p*G .. p*G+G-1 answer prompt p) its tokens, the sampler's
 log-probs (for truncated importance sampling) and its text decoded with special tokens kept
-(the tags must reach the reward).
+(the tags must reach the reward). On several processes each process rolls out its own
+prompts: the sampler's inputs are global arrays sharded by batch group, prompt q of the
+global rollout batch samples from fold_in(key, q), and each process takes its own rows back.
 
 `Rollout.micro_batch(prompts, ...)` builds one learner micro-batch of whole prompt groups
 on demand (so the G-fold copies of a prompt's video exist for one micro-batch at a time):
