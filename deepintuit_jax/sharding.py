@@ -9,6 +9,7 @@ versions.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -215,3 +216,40 @@ def place_batch(batch: dict, mesh: Mesh, row_axes: dict[str, int] | None = None)
     x = np.asarray(x)
     return jax.make_array_from_process_local_data(s, x, (x.shape[0] * pc,) + x.shape[1:])
   return jax.tree.map(put, batch, shardings)
+
+
+def row_sharding(mesh: Mesh, shape: Sequence[int], rules=DEFAULT_RULES) -> NamedSharding:
+  """The leading axis of an array of `shape` split over the data-parallel axes (replicated
+  when they do not divide it), the rest replicated: how place_batch lays out group axes."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (len(shape) - 1), rules,
+                                             mesh, tuple(shape)))
+
+
+@functools.lru_cache(maxsize=64)
+def _relayout(sharding: NamedSharding):
+  return jax.jit(lambda x: x, out_shardings=sharding)
+
+
+def local_rows(x, mesh: Mesh | None = None) -> np.ndarray:
+  """This process's rows (leading axis) of a global array, as NumPy: the inverse of
+  place_batch's assembly of process-local rows (e.g. a jitted pass's output over a placed
+  batch gives each process the outputs of its own rows, in its order).
+
+  One process (or a fully addressable array): the whole array. Otherwise the array is laid
+  out by `row_sharding` first (a no-op when it already is; the compiler may have chosen
+  another output layout) and this process's shards are joined in row order."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  if mesh is None:
+    raise ValueError("local_rows of an array spread over several processes needs the mesh")
+  target = row_sharding(mesh, x.shape)
+  if not x.sharding.is_equivalent_to(target, x.ndim):
+    x = _relayout(target)(x)
+  parts: dict[int, Any] = {}
+  for shard in x.addressable_shards:
+    parts.setdefault(shard.index[0].start or 0, shard.data)
+  rows = np.concatenate([np.asarray(parts[k]) for k in sorted(parts)])
+  if rows.shape[0] * jax.process_count() != x.shape[0]:
+    raise ValueError(f"local_rows: this process holds {rows.shape[0]} of {x.shape[0]} rows, "
+                     f"not 1/{jax.process_count()}: the leading axis must split over processes")
+  return rows

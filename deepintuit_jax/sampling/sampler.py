@@ -54,18 +54,59 @@ def choose_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
   """Greedy when temperature == 0, else temperature + top-p sampling.
 
   logits [B, V] float32 -> (tokens [B] int32, raw log-probs [B] float32, see module doc).
+  key: one PRNG key, or a [B] array of typed keys (one per row).
   """
   logits = logits.astype(jnp.float32)
 
   def draw():
     scaled = logits / jnp.maximum(temperature, 1e-6)
     scaled = jax.lax.cond(top_p < 1.0, lambda: top_p_filter(scaled, top_p), lambda: scaled)
+    if _per_row(key):  # one key per row: a row's draw does not depend on the batch around it
+      return jax.vmap(jax.random.categorical)(key, scaled).astype(jnp.int32)
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
   tokens = jax.lax.cond(temperature > 0, draw,
                         lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
   logp = jax.nn.log_softmax(logits, axis=-1)
   return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def _per_row(key) -> bool:
+  """A [B] array of typed PRNG keys (one per row), not one key."""
+  return jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1
+
+
+def _step_key(rng, i):
+  """fold_in(rng, i), row by row for per-row keys."""
+  if _per_row(rng):
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, i)
+  return jax.random.fold_in(rng, i)
+
+
+def _prefill(graphdef, state, batch: dict, max_new_tokens: int, cache_dtype):
+  """The prompts' forward into a fresh KV cache: (last real logits [B, V], cache).
+
+  A grouped batch (`input_ids [Gr, b, P]`, every other input with the group axis in front,
+  each group with its own vision inputs, sharding.place_batch's layout) runs the prefill per
+  group (`jax.vmap`: each device runs the vision tower on its own groups' videos), and the
+  rows are then flattened group-major (B = Gr * b)."""
+  def one(group, state):
+    model = nnx.merge(graphdef, state)
+    group = dict(group)
+    ids, mask = group.pop("input_ids"), group.pop("attention_mask")
+    b, p = ids.shape
+    cache = model.init_cache(b, p + max_new_tokens, cache_dtype)
+    out = model(ids, mask, cache=cache, logits_to_keep=_last_real_index(mask)[:, None], **group)
+    return out.logits[:, 0], out.cache
+
+  if batch["input_ids"].ndim == 2:
+    return one(batch, state)
+  if batch["input_ids"].shape[0] == 1:
+    return one(jax.tree.map(lambda x: x[0], batch), state)
+  logits, cache = jax.vmap(one, in_axes=(0, None))(batch, state)
+  # The cache's one scalar (`index`, the same in every group) comes back as [Gr].
+  flat = lambda x: x[0] if x.ndim == 1 else x.reshape((-1,) + x.shape[2:])  # noqa: E731
+  return flat(logits), jax.tree.map(flat, cache)
 
 
 def _last_real_index(mask: jax.Array) -> jax.Array:
@@ -80,19 +121,21 @@ def _sample_jit(graphdef, state, batch: dict, rng, temperature, top_p, stop_ids,
                 max_new_tokens: int, num_samples: int, cache_dtype):
   model = nnx.merge(graphdef, state)
   batch = dict(batch)
-  ids, mask = batch.pop("input_ids"), batch.pop("attention_mask")
-  b, p = ids.shape
-  n = max_new_tokens
-  cache = model.init_cache(b, p + n, cache_dtype)
-  out = model(ids, mask, cache=cache, logits_to_keep=_last_real_index(mask)[:, None], **batch)
-  logits, cache = out.logits[:, 0], out.cache
+  row_ids = batch.pop("row_ids", None)
+  logits, cache = _prefill(graphdef, state, batch, max_new_tokens, cache_dtype)
+  b, n = logits.shape[0], max_new_tokens
+  if row_ids is not None:
+    # Prompt b draws from fold_in(rng, row_ids[b]), its sample j from fold_in(that, j).
+    rng = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, row_ids.reshape(-1))
+    rng = jax.vmap(jax.random.fold_in)(jnp.repeat(rng, num_samples),
+                                       jnp.tile(jnp.arange(num_samples), b))
   if num_samples > 1:
     # One prefill (vision tower included) per prompt, then G independent continuations:
     # rows b*G .. b*G + G-1 share prompt b.
     repeat = lambda x: x if x.ndim == 0 else jnp.repeat(x, num_samples, axis=0)
     logits, cache = repeat(logits), jax.tree.map(repeat, cache)
     b = b * num_samples
-  tok, lp = choose_tokens(logits, jax.random.fold_in(rng, 0), temperature, top_p)
+  tok, lp = choose_tokens(logits, _step_key(rng, 0), temperature, top_p)
   tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
   logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
   finished = jnp.isin(tok, stop_ids)
@@ -105,7 +148,7 @@ def _sample_jit(graphdef, state, batch: dict, rng, temperature, top_p, stop_ids,
   def body(carry):
     i, cache, prev, finished, tokens, logprobs, lengths = carry
     step = model(prev[:, None], jnp.ones((b, 1), bool), cache=cache)
-    tok, lp = choose_tokens(step.logits[:, 0], jax.random.fold_in(rng, i), temperature, top_p)
+    tok, lp = choose_tokens(step.logits[:, 0], _step_key(rng, i), temperature, top_p)
     tok = jnp.where(finished, pad_id, tok)
     lp = jnp.where(finished, 0.0, lp)
     tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
@@ -123,7 +166,7 @@ def sample(model: nnx.Module, input_ids, attention_mask, *, rng: jax.Array, max_
            temperature: float = 0.0, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
            pad_token_id: int = 0, position_ids=None, pixel_values=None, image_layout=None,
            pixel_values_videos=None, video_layout=None, num_samples: int = 1,
-           cache_dtype: Any = None) -> SampleOutput:
+           cache_dtype: Any = None, row_ids=None) -> SampleOutput:
   """Samples up to `max_new_tokens` per row with a KV cache (device arrays in, out).
 
   Args:
@@ -140,6 +183,12 @@ def sample(model: nnx.Module, input_ids, attention_mask, *, rng: jax.Array, max_
     num_samples: G continuations per prompt from a single prefill (GRPO groups); output
       rows b*G .. b*G + G-1 belong to prompt b.
     cache_dtype: KV cache dtype, default the model's compute dtype.
+    row_ids: [B] int, or None: prompt b's responses then draw from fold_in(rng, row_ids[b])
+      (sample j from fold_in(that, j), step i from fold_in(that, i)), whatever batch it is
+      in (e.g. its global index: several processes sample what one does).
+  Grouped inputs (input_ids [Gr, b, P], each other input with the group axis in front,
+  row_ids [Gr, b]; sharding.place_batch's layout, e.g. global arrays sharded by group) run
+  the prefill per group; output rows are group-major (B = Gr * b).
   Returns:
     SampleOutput(tokens [B*G, N], logprobs [B*G, N], lengths [B*G]).
   """
@@ -162,7 +211,7 @@ def sample(model: nnx.Module, input_ids, attention_mask, *, rng: jax.Array, max_
                attention_mask=jnp.asarray(attention_mask).astype(bool))
   for k, v in dict(position_ids=position_ids, pixel_values=pixel_values,
                    image_layout=image_layout, pixel_values_videos=pixel_values_videos,
-                   video_layout=video_layout).items():
+                   video_layout=video_layout, row_ids=row_ids).items():
     if v is not None:
       batch[k] = v
   stop = np.asarray(list(stop_token_ids) or [-1], np.int32)  # -1 never matches a token

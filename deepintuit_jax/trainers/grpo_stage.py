@@ -111,13 +111,6 @@ def from_config(c) -> GRPORun:
 def run(cfg: GRPORun, *, workdir: str, mesh) -> dict[str, Any]:
   """Rolls out, trains, evaluates and exports; returns the final eval metrics by split."""
   g = cfg.grpo
-  if jax.process_count() > 1:
-    # Rollouts feed each process's prompts to the sampler as host arrays, which jit treats
-    # as replicated: with several processes the groups would be mixed silently. Refuse
-    # until rollouts are placed as global batches (issue 8 item 6, GRPO part).
-    from deepintuit_jax.errors import ConfigError
-    raise ConfigError(f"the GRPO stage runs on one process for now ({jax.process_count()} "
-                      "started); use one host with all its devices")
   setup = stage.prepare(seed=cfg.seed, init_from=cfg.init_from, model=cfg.model,
                         data=cfg.data, checkpoint=cfg.checkpoint, workdir=workdir, mesh=mesh)
   procs = jax.process_count()
@@ -127,10 +120,14 @@ def run(cfg: GRPORun, *, workdir: str, mesh) -> dict[str, Any]:
   model_config = setup.model.config
   # Whole batches only (a partial one would change the learner's shapes), repeated forever.
   options = dataclasses.replace(setup.options, drop_remainder=True)
+  # Each process rolls out its own prompts (its part of one global shuffle), grouped by its
+  # data-parallel shards: the sampler's inputs are global arrays sharded by group.
+  rollout_groups = stage.batch_groups(mesh, g.prompts_per_rollout // procs,
+                                      f"grpo.prompts_per_rollout {g.prompts_per_rollout}")
   loader = pipeline.make_train_loader(
       setup.records, tokenizer=setup.tokenizer, model_config=model_config, options=options,
       batch_size=g.prompts_per_rollout // procs, num_epochs=None, ledger=setup.ledger,
-      for_generation=True)
+      for_generation=True, groups=rollout_groups)
   rollouts = (-(-cfg.num_steps // g.steps_per_rollout) if cfg.num_steps > 0
               else cfg.epochs * max(loader.steps_per_epoch, 1))
   total = rollouts * g.steps_per_rollout

@@ -1,7 +1,9 @@
 """Two processes on localhost (CPU, 4 devices each, gloo collectives) run the SFT pulse
 through `python -m deepintuit_jax.main` with an explicit coordinator: the same per-step
 losses as one process with 8 devices (the same global batches), one checkpoint set, an eval
-over every item of each split, and a rerun that finds the run finished."""
+over every item of each split, and a rerun that finds the run finished. Then the same for
+the GRPO pulse, started from the 1-process SFT run's checkpoint: each process rolls out
+its own prompts, and the rewards, response lengths and losses equal the 1-process run's."""
 from __future__ import annotations
 
 import json
@@ -49,8 +51,21 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _cmd(workdir: str) -> list[str]:
-  return [sys.executable, "-m", "deepintuit_jax.main", f"--workdir={workdir}", *ARGS]
+# The GRPO pulse: 8 prompts x G = 2 per rollout (one prompt per device), 2 optimizer steps
+# per rollout (mini-batches of 4 prompts), 2 rollouts; responses of up to 8 tokens. The
+# little-trained tiny model earns no reward (zero advantages): the entropy bonus gives the
+# update a gradient, so the second rollout tests the updated parameters too.
+GRPO_ARGS = ["--config=configs/grpo.py:pulse", "--config.train.num_steps=4",
+             "--config.grpo.group_size=2", "--config.grpo.prompts_per_rollout=8",
+             "--config.grpo.mini_batch_prompts=4", "--config.grpo.max_response_tokens=8",
+             "--config.grpo.entropy_coef=0.01",
+             "--config.data.max_frames=4", "--config.data.max_pixels=12544",
+             "--config.eval.batch_size=4", "--config.data.synthetic_test=3",
+             "--config.checkpoint.export=False"]
+
+
+def _cmd(workdir: str, args=ARGS) -> list[str]:
+  return [sys.executable, "-m", "deepintuit_jax.main", f"--workdir={workdir}", *args]
 
 
 def _check(p, out: str, err: str, what: str) -> None:
@@ -58,20 +73,20 @@ def _check(p, out: str, err: str, what: str) -> None:
     raise AssertionError(f"{what} failed ({p.returncode}):\n{out[-3000:]}\n{err[-5000:]}")
 
 
-def run_one(env, workdir: str) -> str:
-  p = subprocess.run(_cmd(workdir), cwd=REPO, env=_devices(env, 8), capture_output=True,
+def run_one(env, workdir: str, args=ARGS) -> str:
+  p = subprocess.run(_cmd(workdir, args), cwd=REPO, env=_devices(env, 8), capture_output=True,
                      text=True, timeout=TIMEOUT)
   _check(p, p.stdout, p.stderr, "1-process run")
   return p.stdout
 
 
-def run_two(env, workdir: str) -> list[str]:
+def run_two(env, workdir: str, args=ARGS) -> list[str]:
   """Both processes of a 2-process run (4 CPU devices each); returns their stdouts."""
   port, procs = _free_port(), []
   for i in range(2):
     e = dict(_devices(env, 4), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
              JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-    procs.append(subprocess.Popen(_cmd(workdir), cwd=REPO, env=e, stdout=subprocess.PIPE,
+    procs.append(subprocess.Popen(_cmd(workdir, args), cwd=REPO, env=e, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
   outs = []
   try:
@@ -138,4 +153,52 @@ def test_rerun_of_both_processes_finds_the_run_finished(env, runs):
   before = _rows(two)
   outs = run_two(env, two)
   assert "this run is finished (step 3" in outs[0]
+  assert _rows(two) == before
+
+
+# ------------------------------------------------------------------------ GRPO
+@pytest.fixture(scope="module")
+def grpo_runs(env, runs, tmp_path_factory):
+  sft_one, _ = runs
+  root = tmp_path_factory.mktemp("grpo_runs")
+  one, two = str(root / "one"), str(root / "two")
+  args = GRPO_ARGS + [f"--config.init_from={sft_one}"]
+  run_one(env, one, args + ["--config.data.eval_files=none"])  # the reference: training only
+  run_two(env, two, args)
+  return one, two, args
+
+
+def test_grpo_two_processes_roll_out_and_train_as_one(grpo_runs):
+  one, two, _ = grpo_runs
+  ref = {r["step"]: r for r in _rows(one) if "reward_mean" in r}
+  got = {r["step"]: r for r in _rows(two) if "reward_mean" in r}
+  assert sorted(ref) == sorted(got) == [2, 4]  # one row per rollout, written by process 0
+  for step in ref:
+    # The same responses (each prompt's sampling stream follows its global index) ...
+    for k in ("response_length_mean", "response_length_max", "reward_mean", "reward_std",
+              "reward/format", "reward/accuracy", "advantage_std", "update_tokens"):
+      np.testing.assert_allclose(got[step][k], ref[step][k], rtol=1e-6, err_msg=(step, k))
+    # ... and the same update on the global batch.
+    assert got[step]["grad_norm"] > 0, step
+    for k in ("loss", "pg_loss", "grad_norm", "ppo_kl", "entropy"):
+      np.testing.assert_allclose(got[step][k], ref[step][k], rtol=1e-4, atol=1e-6,
+                                 err_msg=(step, k))
+
+
+def test_grpo_one_checkpoint_set_and_eval_over_every_process(grpo_runs):
+  _, two, _ = grpo_runs
+  assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4"]
+  evals = {r["split"]: r for r in _rows(two) if "split" in r}
+  assert set(evals) == {"test_close", "test_open"}
+  for name, r in evals.items():
+    assert r["n"] == 3, (name, r["n"])
+    with open(os.path.join(two, f"predictions_{name}_step4.jsonl")) as f:
+      assert len({json.loads(line)["item_id"] for line in f}) == 3
+
+
+def test_grpo_rerun_of_both_processes_finds_the_run_finished(env, grpo_runs):
+  _, two, args = grpo_runs
+  before = _rows(two)
+  outs = run_two(env, two, args)
+  assert "this run is finished (step 4" in outs[0]
   assert _rows(two) == before

@@ -10,6 +10,11 @@
 `GRPOLearner.iteration(state, prompt_batch) -> (state, metrics)` is the loop's step: it
 advances `state.step` by the number of optimizer steps taken. Rollout keys come from
 `state.step_key` (fold_in(rng, step, attempt)), so a resumed run samples the same responses.
+
+Several processes: each rolls out, scores and normalises its own prompts (a group never
+straddles processes), builds its own rows of every learner micro-batch (shapes agreed by
+`pipeline.process_max`) and places them as global batches; process 0 logs the metrics of
+all processes (`collective`). P processes log what one process with all devices logs.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from deepintuit_jax import sharding as sharding_lib
 from deepintuit_jax.data import pipeline
 from deepintuit_jax.trainers import logprobs
 from deepintuit_jax.trainers.grpo import advantages as advantages_lib
+from deepintuit_jax.trainers.grpo import collective
 from deepintuit_jax.trainers.grpo import loss as loss_lib
 from deepintuit_jax.trainers.grpo import rewards as rewards_lib
 from deepintuit_jax.trainers.grpo import rollout as rollout_lib
@@ -214,14 +220,16 @@ class GRPOLearner:
                                 group_size=self.cfg.group_size,
                                 max_new_tokens=self.cfg.max_response_tokens,
                                 temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                tokenizer=self.tokenizer)
+                                tokenizer=self.tokenizer, mesh=self.mesh)
 
   def _score(self, ro: rollout_lib.Rollout) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return rewards_lib.combine(self.reward_weights, ro.texts, ro.reward_examples())
 
   def _sample(self, state: TrainState, batch: dict):
     """Rollout + rewards, with dynamic sampling when on. Returns (rollout, total rewards,
-    components, groups kept, groups sampled, prompt batches drawn)."""
+    components, groups kept, groups sampled, prompt batches drawn); counts are this
+    process's. With several processes each fills its own share of the batch from its own
+    prompts (the same count on every process), refilling while any process is short."""
     ro = self._rollout(state, batch, 0)
     total, parts = self._score(ro)
     if not self.cfg.dynamic_sampling:
@@ -280,7 +288,8 @@ class GRPOLearner:
     """[N*G, L] response-aligned log-probs of the rollout under `params` (a triple)."""
     out = np.zeros(ro.tokens.shape, np.float32)
     for prompts, mb in zip(self._prompt_ranges(ro), self._micro_batches(ro, adv)):
-      lp = _ungroup(jax.device_get(self.logp(*params, self.update.place(mb))))
+      lp = _ungroup(sharding_lib.local_rows(self.logp(*params, self.update.place(mb)),
+                                            self.mesh))
       mask = _ungroup(mb["loss_mask"]).astype(bool)
       for i, r in enumerate(ro.rows(prompts)):
         out[r, :int(ro.lengths[r])] = lp[i][mask[i]]
@@ -314,36 +323,40 @@ class GRPOLearner:
         if not bool(m["ok"]):
           break
         update_tokens += sum(int(np.asarray(mb["attention_mask"]).sum()) for mb in
-                             micro[i:i + per_step]) * self.procs
+                             micro[i:i + per_step])
       if steps and not bool(steps[-1]["ok"]):
         break
     t_update = time.perf_counter() - t0
 
-    lengths = ro.lengths.astype(np.float64)
-    gen_tokens = float(lengths.sum()) * self.procs
+    # Every process holds its own prompts' rows: the logged values are the global ones
+    # (rows gathered in global prompt order, counts summed, times of the slowest process).
+    rows = collective.gather_rows(
+        dict(total=total, lengths=ro.lengths, truncated=ro.truncated, advantages=adv,
+             **{f"reward/{k}": v for k, v in parts.items()}), g)
+    counts = collective.reduce_scalars(
+        dict(update_tokens=update_tokens, rollout_time=t_rollout, old_logp_time=t_logp,
+             update_time=t_update, groups_kept=n_kept, groups_sampled=sampled,
+             prompt_batches=drawn),
+        dict(update_tokens="sum", rollout_time="max", old_logp_time="max", update_time="max",
+             groups_kept="sum", groups_sampled="sum", prompt_batches="max"))
+    stats = collective.rollout_stats(rows)
+    gen_tokens, update_tokens = stats.pop("rollout_tokens"), counts["update_tokens"]
+    t_rollout, t_logp, t_update = (counts[k] for k in ("rollout_time", "old_logp_time",
+                                                       "update_time"))
     metrics: dict[str, Any] = {k: float(np.mean([float(s[k]) for s in steps]))
                                for k in steps[0] if k != "ok"}
     metrics["lr"] = float(steps[-1]["lr"])
     metrics["ok"] = all(bool(s["ok"]) for s in steps)
     metrics.update(
-        reward_mean=float(total.mean()), reward_std=float(total.std()),
-        **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
-        response_length_mean=float(lengths.mean()), response_length_max=float(lengths.max()),
-        response_truncated=float(ro.truncated.mean()),
-        advantage_mean=float(adv.mean()), advantage_std=float(adv.std()),
-        advantage_min=float(adv.min()), advantage_max=float(adv.max()),
-        rollout_time=t_rollout, old_logp_time=t_logp, update_time=t_update,
+        stats, rollout_time=t_rollout, old_logp_time=t_logp, update_time=t_update,
         rollout_tokens_per_second=gen_tokens / max(t_rollout, 1e-9),
         update_tokens_per_second=update_tokens / max(t_update, 1e-9),
         tokens_per_second=(gen_tokens + update_tokens) / max(t_rollout + t_logp + t_update,
                                                              1e-9),
         optimizer_steps=len(steps))
-    if "format" in parts:
-      metrics["format_rate"] = float(parts["format"].mean())
-    if "accuracy" in parts:
-      metrics["accuracy"] = float(parts["accuracy"].mean())
     if cfg.dynamic_sampling:
-      metrics.update(groups_kept=n_kept, groups_sampled=sampled, prompt_batches=drawn)
+      metrics.update({k: int(counts[k]) for k in ("groups_kept", "groups_sampled",
+                                                   "prompt_batches")})
     return state, metrics
 
 

@@ -4,7 +4,9 @@
 `num_samples=G`) and returns a host-side `Rollout`: per prompt its real prompt tokens and
 video, per response row (rows p*G .. p*G+G-1 answer prompt p) its tokens, the sampler's
 log-probs (for truncated importance sampling) and its text decoded with special tokens kept
-(the tags must reach the reward).
+(the tags must reach the reward). On several processes each process rolls out its own
+prompts: the sampler's inputs are global arrays sharded by batch group, prompt q of the
+global rollout batch samples from fold_in(key, q), and each process takes its own rows back.
 
 `Rollout.micro_batch(prompts, ...)` builds one learner micro-batch of whole prompt groups
 on demand (so the G-fold copies of a prompt's video exist for one micro-batch at a time):
@@ -22,13 +24,19 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from deepintuit_jax import sharding as sharding_lib
 from deepintuit_jax.data import batching, chat
 from deepintuit_jax.sampling import sampler
+from deepintuit_jax.trainers.grpo import collective
 
 # Per-row arrays of a learner batch besides the model inputs, with their row axis in a group.
 GRPO_ROW_AXES = {"advantages": 0, "rollout_logprobs": 0, "old_logprobs": 0, "ref_logprobs": 0}
 DEVICE_KEYS = ("input_ids", "attention_mask", "loss_mask", "position_ids",
                "pixel_values_videos", "video_layout")
+# The sampler's inputs of a prompt batch, and their row axes (row_ids: global prompt index).
+SAMPLER_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values_videos",
+                "video_layout")
+SAMPLER_ROW_AXES = dict(sharding_lib.ROW_AXES, row_ids=0)
 
 
 @dataclasses.dataclass
@@ -140,36 +148,66 @@ class Rollout:
 
 
 def split_prompts(batch: dict[str, Any]) -> list[dict[str, Any]]:
-  """A loader batch of generation prompts (right-padded, one video per real row) -> per
-  prompt its real tokens and video (dummy rows dropped)."""
+  """A loader batch of generation prompts (right-padded, one video per real row; grouped
+  or not, see batching.collate) -> per prompt its real tokens and video (dummy rows
+  dropped)."""
   grids = np.asarray(batch["video_grid_thw"]).reshape(-1, 3)
   n_real = int(batch.get("num_real", len(batch["item_id"])))
   if len(grids) != n_real:
     raise ValueError(f"GRPO prompts need one video per prompt: {len(grids)} videos for "
                      f"{n_real} prompts")
+  ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"]).astype(bool)
   pixels = np.asarray(batch["pixel_values_videos"])
+  grouped = ids.ndim == 3
+  per = ids.shape[1] if grouped else ids.shape[0]  # rows per group
+  ids, mask = ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1])
+  pixels = pixels if grouped else pixels[None]
   offsets = np.concatenate([[0], np.cumsum(grids.prod(-1))])
   seconds = np.asarray(batch["second_per_grid_ts"]).reshape(-1)
-  ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"]).astype(bool)
-  return [dict(input_ids=ids[i][mask[i]], pixel_values_videos=pixels[offsets[i]:offsets[i + 1]],
-               video_grid_thw=grids[i:i + 1], second_per_grid_ts=seconds[i:i + 1],
-               label=batch["labels"][i], item_id=batch["item_id"][i]) for i in range(n_real)]
+  out = []
+  for i in range(n_real):
+    g = i // per  # a group's pixels hold its own rows' videos, in row order
+    start, stop = offsets[i] - offsets[g * per], offsets[i + 1] - offsets[g * per]
+    out.append(dict(input_ids=ids[i][mask[i]], pixel_values_videos=pixels[g][start:stop],
+                    video_grid_thw=grids[i:i + 1], second_per_grid_ts=seconds[i:i + 1],
+                    label=batch["labels"][i], item_id=batch["item_id"][i]))
+  return out
+
+
+def sampler_inputs(batch: dict[str, Any], mesh=None) -> dict[str, Any]:
+  """The sampler's inputs of a loader batch, grouped (sharding.as_groups), with `row_ids`
+  [Gr, b]: each prompt's global index in the rollout batch (collective.global_prompt_ids).
+  With a mesh: global arrays, each process's groups on its own devices (place_batch)."""
+  inputs = sharding_lib.as_groups({k: batch[k] for k in SAMPLER_KEYS})
+  inputs["input_ids"] = np.asarray(inputs["input_ids"], np.int32)
+  inputs["attention_mask"] = np.asarray(inputs["attention_mask"]).astype(bool)
+  gr, b = inputs["input_ids"].shape[:2]
+  inputs["row_ids"] = collective.global_prompt_ids(
+      gr * b, jax.process_index(), jax.process_count()).reshape(gr, b)
+  if mesh is None:
+    return inputs
+  return sharding_lib.place_batch(inputs, mesh, SAMPLER_ROW_AXES)
 
 
 def generate(model, batch: dict[str, Any], *, key: jax.Array, group_size: int,
-             max_new_tokens: int, temperature: float, top_p: float, tokenizer) -> Rollout:
+             max_new_tokens: int, temperature: float, top_p: float, tokenizer,
+             mesh=None) -> Rollout:
   """Samples `group_size` responses to every real prompt of a loader batch of generation
-  prompts (`pipeline.make_train_loader(..., for_generation=True)`), stopping on
-  `<|im_end|>` / `<|endoftext|>` (chat.stop_ids)."""
+  prompts (`pipeline.make_train_loader(..., for_generation=True)`, grouped or not), stopping
+  on `<|im_end|>` / `<|endoftext|>` (chat.stop_ids). Prompt q of the global rollout batch
+  draws from fold_in(key, q) whatever process and batch group it is in, so several processes
+  (each rolling out its own prompts on its own devices of `mesh`) sample what one does.
+  Returns this process's prompts and responses."""
   stops = chat.stop_ids(tokenizer)
+  inputs = sampler_inputs(batch, mesh)
   out = sampler.sample(
-      model, batch["input_ids"], batch["attention_mask"], rng=key,
+      model, inputs["input_ids"], inputs["attention_mask"], rng=key,
       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
       stop_token_ids=stops, pad_token_id=chat.pad_id(tokenizer),
-      position_ids=batch["position_ids"], pixel_values_videos=batch["pixel_values_videos"],
-      video_layout=batch["video_layout"], num_samples=group_size)
-  tokens, logprobs, lengths = (np.asarray(x) for x in jax.device_get(
-      (out.tokens, out.logprobs, out.lengths)))
+      position_ids=inputs["position_ids"], pixel_values_videos=inputs["pixel_values_videos"],
+      video_layout=inputs["video_layout"], num_samples=group_size, row_ids=inputs["row_ids"])
+  tokens, logprobs, lengths = (sharding_lib.local_rows(x, mesh) for x in
+                               (out.tokens, out.logprobs, out.lengths))
   prompts = split_prompts(batch)
   keep = len(prompts) * group_size  # rows of dummy prompts come last: dropped
   tokens, logprobs, lengths = tokens[:keep].copy(), logprobs[:keep].copy(), lengths[:keep].copy()
