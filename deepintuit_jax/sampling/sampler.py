@@ -143,6 +143,20 @@ def sample(model: nnx.Module, input_ids, attention_mask, *, rng: jax.Array, max_
   Returns:
     SampleOutput(tokens [B*G, N], logprobs [B*G, N], lengths [B*G]).
   """
+  args, kwargs = _jit_args(
+      model, input_ids, attention_mask, rng=rng, max_new_tokens=max_new_tokens,
+      temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids,
+      pad_token_id=pad_token_id, position_ids=position_ids, pixel_values=pixel_values,
+      image_layout=image_layout, pixel_values_videos=pixel_values_videos,
+      video_layout=video_layout, num_samples=num_samples, cache_dtype=cache_dtype)
+  return _sample_jit(*args, **kwargs)
+
+
+def _jit_args(model, input_ids, attention_mask, *, rng, max_new_tokens, temperature, top_p,
+              stop_token_ids, pad_token_id, position_ids, pixel_values, image_layout,
+              pixel_values_videos, video_layout, num_samples, cache_dtype):
+  """`sample`'s checks, then the (args, kwargs) of `_sample_jit` (also for `.lower(...)`:
+  benchmarks read the compiled program's memory)."""
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
   if max_new_tokens < 1:
@@ -167,9 +181,9 @@ def sample(model: nnx.Module, input_ids, attention_mask, *, rng: jax.Array, max_
       batch[k] = v
   stop = np.asarray(list(stop_token_ids) or [-1], np.int32)  # -1 never matches a token
   graphdef, state = nnx.split(model)
-  return _sample_jit(graphdef, state, batch, rng, jnp.float32(temperature), jnp.float32(top_p),
-                     jnp.asarray(stop), jnp.int32(pad_token_id), max_new_tokens=max_new_tokens,
-                     num_samples=num_samples, cache_dtype=cache_dtype)
+  return ((graphdef, state, batch, rng, jnp.float32(temperature), jnp.float32(top_p),
+           jnp.asarray(stop), jnp.int32(pad_token_id)),
+          dict(max_new_tokens=max_new_tokens, num_samples=num_samples, cache_dtype=cache_dtype))
 
 
 def generate(model: nnx.Module, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
