@@ -1,5 +1,8 @@
 """KV-cache sampler for Qwen2.5-VL: one prefill, then a `lax.while_loop` of one-token steps.
 
+With `num_samples = G` the prompt's keys/values are stored once and shared by its G
+responses (`KVCache.share_prefix`): the cache holds B*P + B*G*N slots, not B*G*(P + N).
+
 Shared by GRPO rollouts, trace generation and evaluation. `sample` is jitted and compiles
 once per (batch, prompt length, max_new_tokens) and vision-input shapes; temperature and
 top_p are traced scalars, so changing them does not recompile.
@@ -23,6 +26,7 @@ from flax import nnx
 
 from deepintuit_jax.models.qwen2_5_vl import rope, vision
 from deepintuit_jax.models.qwen2_5_vl.model import check_vision_tokens
+from deepintuit_jax.models.qwen2_5_vl.text import KVCache
 
 
 @flax.struct.dataclass
@@ -83,15 +87,14 @@ def _sample_jit(graphdef, state, batch: dict, rng, temperature, top_p, stop_ids,
   ids, mask = batch.pop("input_ids"), batch.pop("attention_mask")
   b, p = ids.shape
   n = max_new_tokens
-  cache = model.init_cache(b, p + n, cache_dtype)
-  out = model(ids, mask, cache=cache, logits_to_keep=_last_real_index(mask)[:, None], **batch)
-  logits, cache = out.logits[:, 0], out.cache
-  if num_samples > 1:
-    # One prefill (vision tower included) per prompt, then G independent continuations:
-    # rows b*G .. b*G + G-1 share prompt b.
-    repeat = lambda x: x if x.ndim == 0 else jnp.repeat(x, num_samples, axis=0)
-    logits, cache = repeat(logits), jax.tree.map(repeat, cache)
-    b = b * num_samples
+  prompt = model.init_cache(b, p, cache_dtype)
+  out = model(ids, mask, cache=prompt, logits_to_keep=_last_real_index(mask)[:, None], **batch)
+  # One prefill (vision tower included) per prompt, then G independent continuations: rows
+  # b*G .. b*G + G-1 share prompt b, whose keys/values stay stored once (the cache's
+  # shared prefix); each row owns only its response slots.
+  cache = KVCache.share_prefix(out.cache, num_samples, n)
+  logits = jnp.repeat(out.logits[:, 0], num_samples, axis=0)
+  b = b * num_samples
   tok, lp = choose_tokens(logits, jax.random.fold_in(rng, 0), temperature, top_p)
   tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
   logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
