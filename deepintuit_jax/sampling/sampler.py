@@ -1,5 +1,8 @@
 """KV-cache sampler for Qwen2.5-VL: one prefill, then a `lax.while_loop` of one-token steps.
 
+With `num_samples = G` the prompt's keys/values are stored once and shared by its G
+responses (`KVCache.share_prefix`): the cache holds B*P + B*G*N slots, not B*G*(P + N).
+
 Shared by GRPO rollouts, trace generation and evaluation. `sample` is jitted and compiles
 once per (batch, prompt length, max_new_tokens) and vision-input shapes; temperature and
 top_p are traced scalars, so changing them does not recompile.
@@ -23,6 +26,7 @@ from flax import nnx
 
 from deepintuit_jax.models.qwen2_5_vl import rope, vision
 from deepintuit_jax.models.qwen2_5_vl.model import check_vision_tokens
+from deepintuit_jax.models.qwen2_5_vl.text import KVCache
 
 
 @flax.struct.dataclass
@@ -83,8 +87,9 @@ def _step_key(rng, i):
   return jax.random.fold_in(rng, i)
 
 
-def _prefill(graphdef, state, batch: dict, max_new_tokens: int, cache_dtype):
-  """The prompts' forward into a fresh KV cache: (last real logits [B, V], cache).
+def _prefill(graphdef, state, batch: dict, cache_dtype):
+  """The prompts' forward into a fresh KV cache of exactly their P slots: (last real logits
+  [B, V], cache).
 
   A grouped batch (`input_ids [Gr, b, P]`, every other input with the group axis in front,
   each group with its own vision inputs, sharding.place_batch's layout) runs the prefill per
@@ -95,7 +100,7 @@ def _prefill(graphdef, state, batch: dict, max_new_tokens: int, cache_dtype):
     group = dict(group)
     ids, mask = group.pop("input_ids"), group.pop("attention_mask")
     b, p = ids.shape
-    cache = model.init_cache(b, p + max_new_tokens, cache_dtype)
+    cache = model.init_cache(b, p, cache_dtype)
     out = model(ids, mask, cache=cache, logits_to_keep=_last_real_index(mask)[:, None], **group)
     return out.logits[:, 0], out.cache
 
@@ -122,19 +127,20 @@ def _sample_jit(graphdef, state, batch: dict, rng, temperature, top_p, stop_ids,
   model = nnx.merge(graphdef, state)
   batch = dict(batch)
   row_ids = batch.pop("row_ids", None)
-  logits, cache = _prefill(graphdef, state, batch, max_new_tokens, cache_dtype)
-  b, n = logits.shape[0], max_new_tokens
+  n = max_new_tokens
+  prompt_logits, prompt = _prefill(graphdef, state, batch, cache_dtype)
+  b = prompt_logits.shape[0]
   if row_ids is not None:
     # Prompt b draws from fold_in(rng, row_ids[b]), its sample j from fold_in(that, j).
     rng = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, row_ids.reshape(-1))
     rng = jax.vmap(jax.random.fold_in)(jnp.repeat(rng, num_samples),
                                        jnp.tile(jnp.arange(num_samples), b))
-  if num_samples > 1:
-    # One prefill (vision tower included) per prompt, then G independent continuations:
-    # rows b*G .. b*G + G-1 share prompt b.
-    repeat = lambda x: x if x.ndim == 0 else jnp.repeat(x, num_samples, axis=0)
-    logits, cache = repeat(logits), jax.tree.map(repeat, cache)
-    b = b * num_samples
+  # One prefill (vision tower included) per prompt, then G independent continuations: rows
+  # b*G .. b*G + G-1 share prompt b, whose keys/values stay stored once (the cache's
+  # shared prefix); each row owns only its response slots.
+  cache = KVCache.share_prefix(prompt, num_samples, n)
+  logits = jnp.repeat(prompt_logits, num_samples, axis=0)
+  b = b * num_samples
   tok, lp = choose_tokens(logits, _step_key(rng, 0), temperature, top_p)
   tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
   logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
@@ -192,6 +198,20 @@ def sample(model: nnx.Module, input_ids, attention_mask, *, rng: jax.Array, max_
   Returns:
     SampleOutput(tokens [B*G, N], logprobs [B*G, N], lengths [B*G]).
   """
+  args, kwargs = _jit_args(
+      model, input_ids, attention_mask, rng=rng, max_new_tokens=max_new_tokens,
+      temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids,
+      pad_token_id=pad_token_id, position_ids=position_ids, pixel_values=pixel_values,
+      image_layout=image_layout, pixel_values_videos=pixel_values_videos,
+      video_layout=video_layout, num_samples=num_samples, cache_dtype=cache_dtype)
+  return _sample_jit(*args, **kwargs)
+
+
+def _jit_args(model, input_ids, attention_mask, *, rng, max_new_tokens, temperature, top_p,
+              stop_token_ids, pad_token_id, position_ids, pixel_values, image_layout,
+              pixel_values_videos, video_layout, num_samples, cache_dtype):
+  """`sample`'s checks, then the (args, kwargs) of `_sample_jit` (also for `.lower(...)`:
+  benchmarks read the compiled program's memory)."""
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
   if max_new_tokens < 1:
@@ -216,9 +236,9 @@ def sample(model: nnx.Module, input_ids, attention_mask, *, rng: jax.Array, max_
       batch[k] = v
   stop = np.asarray(list(stop_token_ids) or [-1], np.int32)  # -1 never matches a token
   graphdef, state = nnx.split(model)
-  return _sample_jit(graphdef, state, batch, rng, jnp.float32(temperature), jnp.float32(top_p),
-                     jnp.asarray(stop), jnp.int32(pad_token_id), max_new_tokens=max_new_tokens,
-                     num_samples=num_samples, cache_dtype=cache_dtype)
+  return ((graphdef, state, batch, rng, jnp.float32(temperature), jnp.float32(top_p),
+           jnp.asarray(stop), jnp.int32(pad_token_id)),
+          dict(max_new_tokens=max_new_tokens, num_samples=num_samples, cache_dtype=cache_dtype))
 
 
 def generate(model: nnx.Module, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,

@@ -1,4 +1,5 @@
-"""KV cache: prefill + one-token / multi-token steps reproduce the full forward exactly."""
+"""KV cache: prefill + one-token / multi-token steps reproduce the full forward exactly, also
+under a prompt prefix shared by G rows (`KVCache.share_prefix`)."""
 from __future__ import annotations
 
 import functools
@@ -99,6 +100,52 @@ def test_explicit_mrope_positions_set_rope_deltas(model):
     hs.append(np.asarray(h))
   np.testing.assert_allclose(np.concatenate(hs, 1)[mask], np.asarray(full_h)[mask],
                              rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("pad", ["none", "left", "right"])
+def test_shared_prefix_steps_equal_full_forward(model, pad):
+  """Two prompts prefilled once; G = 3 rows each continue their prompt with their own
+  tokens (steps of 1, 2 and 1 tokens) under the shared prefix: every row's hidden states
+  equal the full forward of prompt ++ its own tokens (no cache)."""
+  g, p, n = 3, 7, 4
+  ids, mask = _batch(pad, p=p, n=0, b=3)
+  ids, mask = ids[1:], mask[1:]  # rows 1 and 2 carry the padding
+  own = np.random.default_rng(1).integers(0, CFG.vocab_size, (2 * g, n))
+  graphdef, state = nnx.split(model)
+  _, prompt = _step(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
+                    KVCache.create(CFG, 2, p))
+  cache = KVCache.share_prefix(prompt, g, n + 1)
+  assert cache.batch == 2 * g and cache.max_len == n + 1
+  assert cache.prefix_k[0].shape == (2, p, CFG.num_key_value_heads, CFG.head_dim)
+  outs, start = [], 0
+  for c in (1, 2, 1):
+    h, cache = _step(graphdef, state, jnp.asarray(own[:, start:start + c]),
+                     jnp.ones((2 * g, c), bool), cache)
+    outs.append(np.asarray(h))
+    start += c
+  full_ids = np.concatenate([np.repeat(ids, g, 0), own], 1)
+  full_mask = np.concatenate([np.repeat(mask, g, 0), np.ones((2 * g, n), bool)], 1)
+  expected = _full(model, full_ids, full_mask)[:, p:]
+  np.testing.assert_allclose(np.concatenate(outs, 1), expected, rtol=2e-5, atol=2e-5)
+  assert int(cache.index) == n
+  np.testing.assert_array_equal(np.asarray(cache.lengths), full_mask.sum(-1))
+  # Rows of one prompt decoding different tokens do differ (no row reads another's slots).
+  assert np.abs(expected[0] - expected[1]).max() > 1e-3
+
+
+def test_shared_prefix_stores_the_prompt_once():
+  """The prompt part is stored once per prompt: B*P + B*G*N slots, not B*G*(P + N)."""
+  b, g, p, n = 2, 4, 10, 3
+  prompt = KVCache.create(CFG, b, p)
+  cache = KVCache.share_prefix(prompt, g, n)
+  slots = lambda arrays: sum(a.shape[0] * a.shape[1] for a in arrays)
+  assert slots(cache.prefix_k) == CFG.num_hidden_layers * b * p
+  assert slots(cache.k) == CFG.num_hidden_layers * b * g * n
+  assert cache.prefix_k[0] is prompt.k[0]  # shared, not copied
+  with pytest.raises(ValueError, match="prefix"):
+    KVCache.share_prefix(cache, 2, n)
+  with pytest.raises(ValueError, match="group"):
+    KVCache.share_prefix(prompt, 0, n)
 
 
 def test_cache_overflow_and_batch_mismatch_raise(model):

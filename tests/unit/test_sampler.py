@@ -1,4 +1,5 @@
-"""KV-cache sampler: greedy == step-by-step argmax, stop tokens, top-p, determinism."""
+"""KV-cache sampler: greedy == step-by-step argmax, stop tokens, top-p, determinism; G
+samples under one shared prompt cache == the former G-fold copied cache."""
 from __future__ import annotations
 
 import jax
@@ -128,6 +129,78 @@ def test_num_samples_shares_one_prefill(model):
   logp = _log_probs(model, ids, mask)[:, 6:]
   np.testing.assert_allclose(lp, np.take_along_axis(logp, tok[..., None], -1)[..., 0],
                              rtol=1e-4, atol=1e-4)
+
+
+@nnx.jit
+def _prefill(model, batch, cache, keep):
+  return model(**batch, cache=cache, logits_to_keep=keep)
+
+
+@nnx.jit
+def _decode(model, tok, cache):
+  return model(tok[:, None], jnp.ones(tok.shape + (1,), bool), cache=cache)
+
+
+def _copied_cache_greedy(model, batch, g, n):
+  """The sampler as it was before the shared prompt cache (greedy), written with the
+  model's plain cache: prefill into [B, P + N] slots, copy the cache G times, decode."""
+  ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
+  b, p = ids.shape
+  last = (p - 1 - np.argmax(mask[:, ::-1], 1))[:, None].astype(np.int32)
+  out = _prefill(model, batch, model.init_cache(b, p + n), jnp.asarray(last))
+  rep = lambda x: x if x.ndim == 0 else jnp.repeat(x, g, axis=0)
+  logits, cache = rep(out.logits[:, 0]), jax.tree.map(rep, out.cache)
+  tokens, logps = [], []
+  for i in range(n):
+    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    tok = logp.argmax(-1).astype(np.int32)
+    tokens.append(tok)
+    logps.append(logp[np.arange(len(tok)), tok])
+    if i < n - 1:
+      out = _decode(model, jnp.asarray(tok), cache)
+      logits, cache = out.logits[:, 0], out.cache
+  return np.stack(tokens, 1), np.stack(logps, 1)
+
+
+@pytest.mark.parametrize("pad", ["left", "right"])
+def test_shared_prompt_cache_equals_copied_cache_and_full_forward(model, pad):
+  """G = 3 rows per prompt decoding under one stored prompt cache give the tokens and
+  log-probs of the former G-fold copy (to float rounding: the values' sum is split in two)
+  and of the plain forward without a cache."""
+  left, lmask, right, rmask = _prompts()
+  ids, mask = (left, lmask) if pad == "left" else (right, rmask)
+  g = 3
+  want_tok, want_lp = _copied_cache_greedy(
+      model, dict(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask).astype(bool)),
+      g, N)
+  tok, lp, lengths = generate(model, ids, mask, max_new_tokens=N, num_samples=g)
+  np.testing.assert_array_equal(tok, want_tok)
+  np.testing.assert_allclose(lp, want_lp, rtol=1e-6, atol=1e-6)
+  ref_tok, ref_lp = _reference_greedy(model, left, lmask, N)
+  np.testing.assert_array_equal(tok, np.repeat(ref_tok, g, 0))
+  np.testing.assert_allclose(lp, np.repeat(ref_lp, g, 0), rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(lengths, N)
+
+
+def test_shared_prompt_cache_with_video_prompts_equals_copied_cache(model):
+  """Video prompts (the GRPO rollout's case: vision tower and 3-row rope positions in the
+  prefill), right-padded to one length: the same greedy tokens and log-probs as the copied
+  cache."""
+  from tests.unit.test_grpo_learner import _prompt_batch
+  b = _prompt_batch(3, 3, cfg=CFG)
+  batch = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids",
+                             "pixel_values_videos", "video_layout")}
+  batch = jax.tree.map(jnp.asarray, batch)
+  batch["attention_mask"] = batch["attention_mask"].astype(bool)
+  g, n = 2, 5
+  want_tok, want_lp = _copied_cache_greedy(model, batch, g, n)
+  out = sample(model, batch["input_ids"], batch["attention_mask"], rng=jax.random.key(0),
+               max_new_tokens=n, position_ids=batch["position_ids"],
+               pixel_values_videos=batch["pixel_values_videos"],
+               video_layout=batch["video_layout"], num_samples=g)
+  np.testing.assert_array_equal(np.asarray(out.tokens), want_tok)
+  np.testing.assert_allclose(np.asarray(out.logprobs), want_lp, rtol=1e-6, atol=1e-6)
+  assert len({tuple(r) for r in want_tok}) > 1
 
 
 def test_top_p_filter_keeps_the_nucleus():

@@ -339,10 +339,17 @@ def splash_attention(q, k, v, q_segments, kv_segments, *, causal: bool, block: i
 
 
 # ----------------------------------------------------------------------------- decode
-def decode_attention(q, k, v, q_segments, kv_segments, *, q_positions, kv_positions=None
-                     ) -> jax.Array:
+def decode_attention(q, k, v, q_segments, kv_segments, *, q_positions, kv_positions=None,
+                     prefix=None) -> jax.Array:
   """A few query tokens against a KV cache: direct masked attention, [B, H, T, S] scores
-  for small T (one token per decode step), no [S, S] anything. Same contract."""
+  for small T (one token per decode step), no [S, S] anything. Same contract.
+
+  prefix: optional (k, v [Bp, P, K, hd], segments [Bp, P] int32), keys shared by groups of
+  n = B / Bp consecutive rows (a prompt's cache under its n sampled responses). Row b also
+  attends prefix row b // n where its segments match (slots all before the own keys, so
+  no causal test), in one softmax over [prefix keys, own keys]; the prefix is read once
+  per group, never copied n times.
+  """
   b, t, h, hd = q.shape
   kh = k.shape[2]
   mask = allowed(q_segments, kv_segments, causal=True, q_positions=q_positions,
@@ -350,8 +357,26 @@ def decode_attention(q, k, v, q_segments, kv_segments, *, q_positions, kv_positi
   qg = q.reshape(b, t, kh, h // kh, hd)
   sc = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
   sc = jnp.where(mask[:, None, None], sc / np.sqrt(hd), -jnp.inf)
+  if prefix is not None:
+    pk, pv, pseg = prefix
+    bp, p = pk.shape[0], pk.shape[1]
+    if b % bp:
+      raise ValueError(f"decode_attention: {b} query rows do not group over {bp} prefix rows")
+    n = b // bp
+    qp = qg.reshape(bp, n, t, kh, h // kh, hd)
+    psc = jnp.einsum("bnqkgd,bpkd->bnkgqp", qp, pk, preferred_element_type=jnp.float32)
+    pmask = (q_segments.reshape(bp, n, t)[..., None]
+             == jnp.asarray(pseg, jnp.int32)[:, None, None, :])  # [Bp, n, T, P]
+    psc = jnp.where(pmask[:, :, None, None], psc / np.sqrt(hd), -jnp.inf)
+    sc = jnp.concatenate([psc.reshape(b, kh, h // kh, t, p), sc], axis=-1)
   m = jnp.max(sc, axis=-1, keepdims=True)
-  p = jnp.exp(sc - jnp.where(jnp.isfinite(m), m, 0.0))
-  p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  p_all = jnp.exp(sc - jnp.where(jnp.isfinite(m), m, 0.0))
+  p_all = p_all / jnp.maximum(jnp.sum(p_all, axis=-1, keepdims=True), 1e-30)
+  own = p_all if prefix is None else p_all[..., p:]
+  out = jnp.einsum("bkgqs,bskd->bqkgd", own.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  if prefix is not None:
+    pp = p_all[..., :p].reshape(bp, n, kh, h // kh, t, p).astype(pv.dtype)
+    out = out + jnp.einsum("bnkgqp,bpkd->bnqkgd", pp, pv,
+                           preferred_element_type=jnp.float32).reshape(out.shape)
   return out.reshape(b, t, h, hd).astype(q.dtype)

@@ -43,7 +43,8 @@ class AttentionInputs:
 
   q_segments [B, T] / kv_segments [B, S] int32; q_positions [T] int32 slots of the queries
   (None = arange, no cache); valid [B, T] bool real tokens (for the cuDNN backend);
-  impl: the resolved backend; block: blockwise block length.
+  impl: the resolved backend; block: blockwise block length; prefix_segments: see
+  KVCache's shared prefix.
   """
   q_segments: jax.Array
   kv_segments: jax.Array
@@ -51,6 +52,7 @@ class AttentionInputs:
   valid: jax.Array
   impl: str = flax.struct.field(pytree_node=False, default="blockwise")
   block: int = flax.struct.field(pytree_node=False, default=512)
+  prefix_segments: jax.Array | None = None  # [Bp, P] int32, a shared prefix's validity
 
 
 # ------------------------------------------------------------------------------- rotary
@@ -96,6 +98,12 @@ class KVCache:
   lengths: [B] int32, number of real tokens per row.
   next_position: [B] int32, rotary position of the row's next text token (max position + 1).
   `rope_deltas = next_position - lengths` (HF's definition).
+  prefix_k, prefix_v, prefix_valid (optional, `share_prefix`): a read-only prefix shared by
+    groups of B / Bp consecutive rows, e.g. a prompt's cache under its G sampled responses:
+    per layer [Bp, P, K, hd], and [Bp, P] bool. Row b attends all valid slots of prefix row
+    b // (B / Bp) (they precede every own slot), then its own slots causally; `lengths`
+    and `next_position` count the prefix in. Own slots `k`, `v`, `valid`, `index` are the
+    rest (S = the new tokens' room).
   """
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
@@ -103,6 +111,9 @@ class KVCache:
   index: jax.Array
   lengths: jax.Array
   next_position: jax.Array
+  prefix_k: tuple[jax.Array, ...] | None = None
+  prefix_v: tuple[jax.Array, ...] | None = None
+  prefix_valid: jax.Array | None = None
 
   @classmethod
   def create(cls, config: TextConfig, batch: int, max_len: int, dtype: Any = jnp.float32
@@ -117,8 +128,28 @@ class KVCache:
                lengths=jnp.zeros((batch,), jnp.int32),
                next_position=jnp.zeros((batch,), jnp.int32))
 
+  @classmethod
+  def share_prefix(cls, prefix: "KVCache", group: int, max_len: int) -> "KVCache":
+    """A cache whose rows b*group .. b*group + group-1 continue row b of the filled `prefix`
+    cache (read-only, stored once, not `group` times), each with `max_len` own empty slots.
+    This is the G-sample rollout's cache: one prompt prefill, G responses."""
+    if prefix.prefix_valid is not None:
+      raise ValueError("KVCache.share_prefix: the prefix cache has a prefix itself")
+    if group < 1 or max_len < 1:
+      raise ValueError(f"KVCache.share_prefix: group={group} and max_len={max_len} must be >= 1")
+    b = prefix.batch * group
+    shape = (b, max_len) + prefix.k[0].shape[2:]
+    dtype = prefix.k[0].dtype
+    repeat = lambda x: jnp.repeat(x, group, axis=0)
+    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in prefix.k),
+               v=tuple(jnp.zeros(shape, dtype) for _ in prefix.v),
+               valid=jnp.zeros((b, max_len), bool), index=jnp.zeros((), jnp.int32),
+               lengths=repeat(prefix.lengths), next_position=repeat(prefix.next_position),
+               prefix_k=prefix.k, prefix_v=prefix.v, prefix_valid=prefix.valid)
+
   @property
   def max_len(self) -> int:
+    """Own slots (the prefix's excluded)."""
     return self.valid.shape[1]
 
   @property
@@ -167,9 +198,11 @@ class Attention(nnx.Module):
     self.o_proj = Linear(h * hd, d, use_bias=False, axes=("heads", "embed"), **kw)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, att: AttentionInputs,
-               kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
+               kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
+               prefix: tuple[jax.Array, jax.Array] | None = None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """x [B, T, D]; att: segments / slots; kv: cache ([B, S, K, hd] x2) written at `index`.
+    """x [B, T, D]; att: segments / slots; kv: cache ([B, S, K, hd] x2) written at `index`;
+    prefix: a shared read-only prefix ([Bp, P, K, hd] x2, see KVCache).
 
     Returns (out [B, T, D], updated kv or None). Without a cache S == T.
     """
@@ -185,12 +218,17 @@ class Attention(nnx.Module):
       cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
       kv = (ck, cv)
       k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-    out = _attend(q, k, v, att, cached=kv is not None)
+    out = _attend(q, k, v, att, cached=kv is not None, prefix=prefix)
     return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
 
 
-def _attend(q, k, v, att: AttentionInputs, *, cached: bool) -> jax.Array:
+def _attend(q, k, v, att: AttentionInputs, *, cached: bool, prefix=None) -> jax.Array:
   seg = dict(q_segments=att.q_segments, kv_segments=att.kv_segments)
+  if prefix is not None:
+    # Decode under a shared prefix: one softmax over [prefix keys, own keys], direct.
+    pk, pv = (x.astype(q.dtype) for x in prefix)
+    return attn_lib.decode_attention(q, k, v, **seg, q_positions=att.q_positions,
+                                     prefix=(pk, pv, att.prefix_segments))
   if not cached:
     return attn_lib.attention(q, k, v, **seg, causal=True, impl=att.impl, valid=att.valid,
                               block=att.block)
@@ -229,9 +267,9 @@ class DecoderLayer(nnx.Module):
     self.input_layernorm = RMSNorm(config.hidden_size, **kw)
     self.post_attention_layernorm = RMSNorm(config.hidden_size, **kw)
 
-  def __call__(self, x, cos, sin, att: AttentionInputs, kv=None, index=None):
+  def __call__(self, x, cos, sin, att: AttentionInputs, kv=None, index=None, prefix=None):
     """x [B, T, D] -> ([B, T, D], kv); see Attention for the other arguments."""
-    h, kv = self.self_attn(self.input_layernorm(x), cos, sin, att, kv, index)
+    h, kv = self.self_attn(self.input_layernorm(x), cos, sin, att, kv, index, prefix)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, kv
@@ -276,7 +314,8 @@ class TextModel(nnx.Module):
       position_ids: [3, B, T] or [B, T] int; None = `default_position_ids` (continuing
         the cache when given).
       cache: a KVCache with room for T more slots; the new keys/values go to slots
-        [cache.index, cache.index + T).
+        [cache.index, cache.index + T). A cache with a shared prefix (`share_prefix`) takes
+        few-token (decode) steps: its attention is direct ([B, H, T, P + S] scores).
       output_hidden_states: also return HF's hidden-state tuple (L + 1 arrays [B, T, D]:
         embeddings, outputs of layers 0..L-2, and the final-normed output of layer L-1).
       segment_ids: [B, T] int, packed rows (no cache): tokens attend earlier tokens of the
@@ -329,17 +368,21 @@ class TextModel(nnx.Module):
                          f"{cache.max_len}; create the cache with a larger max_len")
       index = cache.index
       key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
+      shared = cache.prefix_valid is not None
       att = AttentionInputs(q_segments=attention_mask.astype(jnp.int32),
                             kv_segments=key_valid.astype(jnp.int32),
                             q_positions=index + jnp.arange(t, dtype=jnp.int32),
                             valid=attention_mask, impl=self._impl(False),
-                            block=self.opts.attention_block)
+                            block=self.opts.attention_block,
+                            prefix_segments=(cache.prefix_valid.astype(jnp.int32) if shared
+                                             else None))
       hidden = [] if output_hidden_states else None
       new_k, new_v = [], []
       for i, layer in enumerate(self.layers):
         if hidden is not None:
           hidden.append(x)
-        x, kv = layer(x, cos, sin, att, (cache.k[i], cache.v[i]), index)
+        x, kv = layer(x, cos, sin, att, (cache.k[i], cache.v[i]), index,
+                      (cache.prefix_k[i], cache.prefix_v[i]) if shared else None)
         new_k.append(kv[0])
         new_v.append(kv[1])
     x = self.norm(x)
@@ -350,9 +393,10 @@ class TextModel(nnx.Module):
       n_new = attention_mask.sum(-1).astype(jnp.int32)
       # Positions of real tokens only: max over the 3 rope rows and the valid tokens.
       last = jnp.max(jnp.where(attention_mask[None], position_ids, -1), axis=(0, 2)) + 1
-      cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid, index=cache.index + t,
-                      lengths=cache.lengths + n_new,
-                      next_position=jnp.maximum(cache.next_position, last.astype(jnp.int32)))
+      cache = cache.replace(k=tuple(new_k), v=tuple(new_v), valid=key_valid,
+                            index=cache.index + t, lengths=cache.lengths + n_new,
+                            next_position=jnp.maximum(cache.next_position,
+                                                      last.astype(jnp.int32)))
     return x, hidden, cache
 
   def _impl(self, packed: bool) -> str:
