@@ -203,13 +203,14 @@ def sample(model: nnx.Module, input_ids, attention_mask, *, rng: jax.Array, max_
       temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids,
       pad_token_id=pad_token_id, position_ids=position_ids, pixel_values=pixel_values,
       image_layout=image_layout, pixel_values_videos=pixel_values_videos,
-      video_layout=video_layout, num_samples=num_samples, cache_dtype=cache_dtype)
+      video_layout=video_layout, num_samples=num_samples, cache_dtype=cache_dtype,
+      row_ids=row_ids)
   return _sample_jit(*args, **kwargs)
 
 
 def _jit_args(model, input_ids, attention_mask, *, rng, max_new_tokens, temperature, top_p,
               stop_token_ids, pad_token_id, position_ids, pixel_values, image_layout,
-              pixel_values_videos, video_layout, num_samples, cache_dtype):
+              pixel_values_videos, video_layout, num_samples, cache_dtype, row_ids=None):
   """`sample`'s checks, then the (args, kwargs) of `_sample_jit` (also for `.lower(...)`:
   benchmarks read the compiled program's memory)."""
   if num_samples < 1:
