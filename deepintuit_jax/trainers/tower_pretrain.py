@@ -20,14 +20,13 @@ decoder's first RMSNorm does to them), so the information must survive it: a tow
 turned every token into one large common vector would fail this target. The head is dropped
 afterwards; only `visual.*` (tower + merger) is kept.
 
-    feats = tower_pretrain.TowerData.load(records, root, options, vision_config)
-    stats = tower_pretrain.train(model.visual, data, steps=1200, batch=32, lr=2e-3, seed=0)
+    data = tower_pretrain.TowerData.load(records, root, options, vision_config)
+    stats = tower_pretrain.train(model.visual, data, steps=500, batch=16, lr=5e-3, seed=0)
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Sequence
 
