@@ -10,10 +10,10 @@ splits (accuracy, macro-F1, ECE) in the same report format as the other stages.
         --config.data.train_file=train.json --config.data.video_root=/videos
 
 `imitation.init`: `pretrained` (default) keeps the base checkpoint's vision tower (the tiny
-model's `visual.*` for the embedded default, Qwen2.5-VL's for real runs; `init_from` an HF
-directory, e.g. another stage's export, takes its tower instead); `scratch` a random tower
-of the same shape. The report names the model `imitation (pretrained tower)` /
-`imitation (scratch)`.
+base's pretrained `visual.*` for the embedded default, `init_from=auto`; Qwen2.5-VL's for
+real runs; `init_from` an HF directory, e.g. another stage's export, takes its tower
+instead); `scratch` a random tower of the same shape. The report names the model
+`imitation (pretrained tower)` / `imitation (scratch)`.
 
 Arg variants (`--config=configs/imitation.py:pulse,scratch`): `real` forces the release-style
 recipe (otherwise it applies whenever model.checkpoint is set); `scratch` sets
@@ -31,7 +31,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "imitation"
   c.seed = 42
-  c.init_from = ""  # an HF dir (its tower) or an imitation workdir (own checkpoints win)
+  # An HF dir (its tower) or an imitation workdir (own checkpoints win); "auto" = the tiny
+  # base (deepintuit_jax/models/tiny_base.py) when model.checkpoint is empty, else
+  # model.checkpoint; "" = model.checkpoint (the random tiny model when that is empty).
+  c.init_from = "auto"
   c.recipe = "auto"  # auto (release iff model.checkpoint is set) | release | tiny
   c.model = common.model_config()
   c.data = common.data_config()

@@ -9,8 +9,11 @@ Arg variants (`--config=configs/sft.py:real`): `real` forces the release's recip
 (otherwise it applies whenever model.checkpoint is set; `recipe=auto`); `pulse` a few-step
 smoke run on a smaller generated benchmark.
 
-With model.checkpoint empty the defaults are the tiny-model ones: a higher lr, vision
-trainable (the tiny model is random), small batches, enough steps to learn in minutes.
+With model.checkpoint empty the defaults are the tiny-model ones: the run starts from the
+shipped tiny base (`init_from=auto`, deepintuit_jax/models/tiny_base.py: a tiny Qwen2.5-VL
+pretrained on described clips), vision tower frozen as in the release recipe, a higher lr,
+small batches, enough steps to learn in minutes. `--config.init_from=` (empty) starts from
+the random tiny model instead.
 """
 from __future__ import annotations
 
@@ -24,7 +27,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "sft"
   c.seed = 42
-  c.init_from = ""  # an HF dir or another stage's workdir/checkpoints (own checkpoints win)
+  # An HF dir or another stage's workdir/checkpoints (own checkpoints win); "auto" = the
+  # tiny base when model.checkpoint is empty, else model.checkpoint; "" = model.checkpoint
+  # (the random tiny model when that is empty).
+  c.init_from = "auto"
   c.recipe = "auto"  # auto (release recipe iff model.checkpoint is set) | release | tiny
   c.model = common.model_config()
   c.data = common.data_config()
@@ -49,7 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       b1=0.9, b2=0.999, eps=1e-8,
       grad_clip=1.0,      # max global norm; 0 = off
       frozen="auto",      # comma-separated regexes over parameter paths ('visual.blocks.0...');
-                          # auto = "^visual\\." (real) / "" (tiny: its random tower must learn)
+                          # auto = "^visual\\." (both recipes: the tiny base's tower is
+                          # pretrained; "" trains it too)
       log_every=1,
       loss_chunk=1024,    # tokens per chunk of the cross-entropy (logits [chunk, V] at a
                           # time, recomputed in the backward); 0 = full [B, T, V] logits

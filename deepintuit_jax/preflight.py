@@ -90,8 +90,9 @@ def check_config(config) -> None:
     from deepintuit_jax.models.qwen2_5_vl.hf_load import check_model_dir
     check_model_dir(checkpoint, key="model.checkpoint")
   init_from = _get(config, "init_from")
-  # "none": start from model.checkpoint; a gs:// Orbax checkpoint is checked by stage.prepare
-  if init_from and init_from != "none" and "://" not in init_from:
+  # "none": start from model.checkpoint; "auto": the tiny base or model.checkpoint (sft,
+  # imitation: tiny_base.default_init); a gs:// Orbax checkpoint is checked by stage.prepare
+  if init_from and init_from not in ("none", "auto") and "://" not in init_from:
     if not os.path.exists(init_from):
       raise InputNotFound(f"init_from={init_from!r}: no such directory (an HF model "
                           "directory or another stage's workdir / checkpoints)"

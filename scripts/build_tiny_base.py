@@ -31,6 +31,7 @@ from deepintuit_jax.data import annotations, pipeline, pretrain_corpus  # noqa: 
 from deepintuit_jax.models import testing, tiny_base  # noqa: E402
 
 FRAMES, MAX_PIXELS = 8, 64 * 28 * 28  # as the embedded default's SFT (sft_stage.TINY)
+HELDOUT_TOWER_REQUEST = "direction"  # one record per held-out clip for the tower's measure
 
 
 def corpus(path: str, *, seed: int, num_clips: int, num_heldout: int) -> str:
@@ -103,7 +104,9 @@ def vision_stats(model, records, *, tokenizer, options, n: int = 8) -> dict:
 def build(out: str, *, seed: int = 0, num_clips: int = 4000, num_heldout: int = 180,
           steps: int = 750, batch: int = 8, lr: float = 3e-3, corpus_dir: str = "",
           config=None, min_pixels: int = 3136, eval_every: int = 0,
-          compute_dtype: str = "bfloat16", dtype: str = "bfloat16") -> dict:
+          compute_dtype: str = "bfloat16", dtype: str = "bfloat16", tower_steps: int = 500,
+          tower_clips: int = 2000, tower_batch: int = 16, tower_lr: float = 5e-3,
+          frozen: str = r"^visual\.") -> dict:
   """Pretrains and writes the HF directory `out`; returns build_info (also in the dir)."""
   import jax
   import jax.numpy as jnp
@@ -133,6 +136,10 @@ def build(out: str, *, seed: int = 0, num_clips: int = 4000, num_heldout: int = 
   options = pipeline.PipelineOptions(video_root=root, max_frames=FRAMES, max_pixels=MAX_PIXELS,
                                      min_pixels=min_pixels, seed=seed,
                                      length_buckets=(64, 96, 128, 192, 256))
+  tower = None
+  if tower_steps:
+    tower = pretrain_tower(model, records[:tower_clips], heldout, root, options, seed=seed,
+                           steps=tower_steps, batch=tower_batch, lr=tower_lr)
   groups = sharding.local_data_groups(mesh)
   if batch % groups:
     groups = 1
@@ -140,7 +147,8 @@ def build(out: str, *, seed: int = 0, num_clips: int = 4000, num_heldout: int = 
                                       options=options, batch_size=batch, groups=groups)
   ocfg = optim.OptimConfig(learning_rate=lr, warmup_ratio=0.05, weight_decay=0.01)
   tx = optim.make_optimizer(ocfg, steps)
-  graphdef, state = train_state.init_state(model, tx, (), seed)
+  graphdef, state = train_state.init_state(model, tx, tuple(p for p in frozen.split(",") if p),
+                                           seed)
   model_config = model.config
   del model
   shardings = train_state.state_shardings(state, mesh)
@@ -183,6 +191,7 @@ def build(out: str, *, seed: int = 0, num_clips: int = 4000, num_heldout: int = 
   info = dict(seed=seed, corpus=dict(version=pretrain_corpus.VERSION, num_clips=num_clips,
                                      num_heldout=num_heldout, pools=pretrain_corpus.POOLS,
                                      motions=list(pretrain_corpus.MOTIONS)),
+              tower=tower, frozen=frozen,
               steps=steps, batch=batch, lr=lr, min_pixels=min_pixels, frames=FRAMES,
               max_pixels=MAX_PIXELS, dtype=dtype, compute_dtype=compute_dtype,
               final_loss=float(np.mean(losses[-25:])), heldout=evals, vision_tokens=stats,
@@ -196,6 +205,24 @@ def build(out: str, *, seed: int = 0, num_clips: int = 4000, num_heldout: int = 
   os.replace(tmp, out)
   shutil.rmtree(init_dir, ignore_errors=True)
   return info
+
+
+def pretrain_tower(model, records, heldout, root, options, *, seed, steps, batch, lr) -> dict:
+  """Stage 1: `visual.*` alone on the dense per-token targets (trainers/tower_pretrain.py),
+  updated in place; returns its build_info entry (held-out per-token accuracies)."""
+  from deepintuit_jax.trainers import tower_pretrain
+  t = time.time()
+  vcfg = model.config.vision
+  one = [r for r in heldout if r.extra["synthetic"]["request"] == HELDOUT_TOWER_REQUEST]
+  data = tower_pretrain.TowerData.load(records, root, options, vcfg)
+  held = tower_pretrain.TowerData.load(one, root, options, vcfg)
+  t_load = time.time() - t
+  print(f"tower: {len(data)} clips loaded in {t_load:.0f}s", flush=True)
+  r = tower_pretrain.train(model.visual, data, steps=steps, batch=batch, lr=lr, seed=seed,
+                           heldout=held, log_every=50)
+  r.pop("head")
+  print(f"tower held-out: {r['heldout']}", flush=True)
+  return dict(r, clips=len(data), heldout_clips=len(held), load_seconds=round(t_load, 1))
 
 
 def _eval_row(graphdef, state, heldout, tokenizer, model_config, options) -> dict:
@@ -220,13 +247,21 @@ def main(argv=None) -> None:
   ap.add_argument("--eval_every", type=int, default=0)
   ap.add_argument("--compute_dtype", default="bfloat16", help="bfloat16 | float32")
   ap.add_argument("--corpus", default="", help="corpus folder (default: in the cache)")
+  ap.add_argument("--tower_steps", type=int, default=500, help="0 = no tower pretraining")
+  ap.add_argument("--tower_clips", type=int, default=2000)
+  ap.add_argument("--tower_batch", type=int, default=16)
+  ap.add_argument("--tower_lr", type=float, default=5e-3)
+  ap.add_argument("--frozen", default=r"^visual\.",
+                  help="regexes frozen in the VLM stage ('' = everything trainable)")
   ap.add_argument("--config", default="base", help="base | tiny (testing.tiny_config)")
   a = ap.parse_args(argv)
   config = tiny_base.base_config() if a.config == "base" else testing.tiny_config()
   info = build(a.out, seed=a.seed, num_clips=a.num_clips, num_heldout=a.num_heldout,
                steps=a.steps, batch=a.batch, lr=a.lr, corpus_dir=a.corpus, config=config,
                min_pixels=a.min_pixels, eval_every=a.eval_every,
-               compute_dtype=a.compute_dtype)
+               compute_dtype=a.compute_dtype, tower_steps=a.tower_steps,
+               tower_clips=a.tower_clips, tower_batch=a.tower_batch, tower_lr=a.tower_lr,
+               frozen=a.frozen)
   print(json.dumps({k: info[k] for k in ("final_loss", "seconds")}))
 
 

@@ -20,7 +20,7 @@ from deepintuit_jax.models import testing
 from deepintuit_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 
 # Bump whenever the shipped weights or `base_config` change (names the cache entry).
-VERSION = 1
+VERSION = 2
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tiny_base")
 # Files of a complete HF directory (what `checkpoint_dir` checks and copies).
 FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
@@ -40,6 +40,15 @@ def base_config(**overrides: Any) -> Qwen2_5_VLConfig:
   vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2)
   vision.update(overrides.pop("vision", None) or {})
   return testing.tiny_config(text=text, vision=vision, **overrides)
+
+
+def default_init(init_from: str, *, model_checkpoint: str, cache_dir: str) -> str:
+  """A stage config's `init_from`: "auto" = the tiny base (`checkpoint_dir`) when no
+  `model.checkpoint` is set (the embedded default), else "" (start from the checkpoint);
+  any other value is returned unchanged ("" = the random tiny model / model.checkpoint)."""
+  if init_from != "auto":
+    return init_from
+  return "" if model_checkpoint else checkpoint_dir(cache_dir)
 
 
 def is_complete(path: str) -> bool:

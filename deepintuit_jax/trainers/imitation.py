@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from deepintuit_jax import sharding
 from deepintuit_jax.data import annotations, pipeline
 from deepintuit_jax.evals import metrics as metrics_lib, report
-from deepintuit_jax.models import video_classifier as vc
+from deepintuit_jax.models import tiny_base, video_classifier as vc
 from deepintuit_jax.trainers import logprobs, loop, optim, stage
 from deepintuit_jax.trainers.sft_stage import TrainSpec
 from deepintuit_jax.trainers.stage import CheckpointSpec, DataSpec, ModelSpec
@@ -112,7 +112,9 @@ def from_config(c) -> ImitationRun:
   batch = pick(c.train.batch_size, "batch_size")
   i = c.imitation
   return ImitationRun(
-      seed=c.seed, init_from=c.init_from, model=stage.model_spec(c),
+      seed=c.seed, model=stage.model_spec(c),
+      init_from=tiny_base.default_init(c.init_from, model_checkpoint=c.model.checkpoint,
+                                       cache_dir=stage.cache_dir(c.model.cache_dir)),
       data=stage.data_spec(c, pick),
       imitation=ImitationSpec(init=i.init, head_width=pick(i.head_width, "head_width"),
                               head_depth=pick(i.head_depth, "head_depth"),

@@ -40,9 +40,14 @@ def test_builder_reduced_budget_writes_a_loadable_base(tmp_path):
   from deepintuit_jax.models import qwen2_5_vl
   b = _builder()
   out = str(tmp_path / "base")
-  info = b.build(out, seed=1, num_clips=8, num_heldout=1, steps=2, batch=2,
-                 corpus_dir=str(tmp_path / "corpus"), config=testing.tiny_config())
+  info = b.build(out, seed=1, num_clips=8, num_heldout=2, steps=2, batch=2,
+                 corpus_dir=str(tmp_path / "corpus"), config=testing.tiny_config(),
+                 tower_steps=2, tower_batch=2, tower_clips=4)
   assert np.isfinite(info["final_loss"]) and info["steps"] == 2
+  # stage 1 (the tower on its dense targets) ran on 4 clips and was measured on 2 held out
+  assert info["tower"]["steps"] == 2 and info["tower"]["clips"] == 4
+  assert 0.0 <= info["tower"]["heldout"]["kind_acc"] <= 1.0
+  assert info["frozen"] == r"^visual\."
   assert set(info["heldout"][-1]) == {"step", "direction", "end", "describe"}
   assert json.load(open(os.path.join(out, "build_info.json")))["seed"] == 1
   assert info["vision_tokens"]["token_std"] > 0
@@ -64,6 +69,15 @@ def test_checkpoint_dir_copies_once_and_loads(tmp_path):
   assert model.config == qwen2_5_vl.Qwen2_5_VLConfig.from_pretrained_dir(tiny_base.ASSET_DIR)
   assert model.config.text == tiny_base.base_config().text
   assert not [f for f in os.listdir(tmp_path / "cache") if ".tmp-" in f]
+
+
+def test_default_init_picks_the_base_only_for_the_embedded_default(tmp_path):
+  cache = str(tmp_path / "cache")
+  assert tiny_base.default_init("auto", model_checkpoint="", cache_dir=cache) == os.path.join(
+      cache, f"tiny_base_v{tiny_base.VERSION}")
+  assert tiny_base.default_init("auto", model_checkpoint="/m/qwen", cache_dir=cache) == ""
+  assert tiny_base.default_init("", model_checkpoint="", cache_dir=cache) == ""
+  assert tiny_base.default_init("/w/sft/hf", model_checkpoint="", cache_dir=cache) == "/w/sft/hf"
 
 
 def test_checkpoint_dir_names_a_missing_file(tmp_path):
