@@ -12,3 +12,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402  (after the environment is set)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def xla_cache(tmp_path_factory) -> str:
+  """One persistent XLA compilation cache for every subprocess run of the session
+  (JAX_COMPILATION_CACHE_DIR): integration modules run the same tiny steps at the same
+  shapes, so a step compiled by one module's run is loaded, not recompiled, by the next."""
+  return str(tmp_path_factory.mktemp("xla_cache"))

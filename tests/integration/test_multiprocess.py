@@ -28,13 +28,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, xla_cache):
   root = tmp_path_factory.mktemp("multiprocess")
   e = {k: v for k, v in os.environ.items()
        if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
                             "SLURM_", "OMPI_", "TPU_WORKER"))}
   e.update(JAX_PLATFORMS="cpu", DEEPINTUIT_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1",
-           JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
+           JAX_COMPILATION_CACHE_DIR=xla_cache,
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
            PYTHONPATH=REPO + os.pathsep + e.get("PYTHONPATH", ""))
   return e
