@@ -45,7 +45,11 @@ class Checkpointer:
 
   directory: where step directories go; every_steps: `maybe_save` cadence; keep: how many
   of the latest complete checkpoints to keep (older ones are deleted after a new save).
+  `model_source` (set by the stage once known): the HF directory the model's architecture
+  and tokenizer came from, recorded beside the first save (`SOURCE_FILE`), so that a later
+  stage starting from these checkpoints builds the same model (`recorded_source`).
   """
+  model_source: str | None = None
 
   def __init__(self, directory: str, *, every_steps: int, keep: int = 2,
                async_save: bool = True):
@@ -82,6 +86,10 @@ class Checkpointer:
         opt=ocp.args.StandardSave(state.opt_state),
         meta=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
         data=ocp.args.JsonSave(data_state or {}))
+    if self.model_source and jax.process_index() == 0:
+      record = paths.join(self.directory, SOURCE_FILE)
+      if not paths.as_path(record).exists():
+        write_json(record, {"source": self.model_source})
     return bool(self._mgr.save(step, args=args, force=True))
 
   def restore(self, state: TrainState, shardings: TrainState | None = None,
@@ -137,6 +145,18 @@ def with_params(state: TrainState, params: dict) -> TrainState:
 def is_checkpoint_dir(path: str) -> bool:
   """A directory of Orbax step directories (a stage's `checkpoints/`) or a workdir with one."""
   return latest_complete_step(path) is not None
+
+
+SOURCE_FILE = "model_source.json"
+
+
+def recorded_source(path: str) -> str | None:
+  """The HF directory the checkpoints under `path` (a `checkpoints/` dir or its workdir) were
+  trained from, as `Checkpointer.model_source` recorded it; None when not recorded."""
+  record = paths.as_path(paths.join(_ckpt_root(path), SOURCE_FILE))
+  if not record.exists():
+    return None
+  return json.loads(record.read_text()).get("source") or None
 
 
 def _ckpt_root(path: str) -> str:

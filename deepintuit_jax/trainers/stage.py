@@ -171,7 +171,7 @@ def eval_spec(c, pick: Recipe) -> generation.EvalConfig:
 
 
 def _is_hf_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json")) and any(
+  return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and any(
       f.endswith((".safetensors", ".safetensors.index.json")) for f in os.listdir(path))
 
 
@@ -207,6 +207,12 @@ def prepare(*, seed: int, init_from: str, model: ModelSpec, data: DataSpec,
   if init_from:
     if checkpointing.is_checkpoint_dir(init_from):
       init_kind = "init_from (checkpoint)"
+      # The architecture and tokenizer those checkpoints were trained with (e.g. the tiny
+      # base the SFT default starts from), when recorded and still there.
+      recorded = checkpointing.recorded_source(init_from)
+      if recorded and recorded != source and not paths.is_remote(recorded) and _is_hf_dir(
+          recorded):
+        source = recorded
     elif not paths.is_remote(init_from) and os.path.isdir(init_from) and _is_hf_dir(init_from):
       source, init_kind = init_from, "init_from (HF)"
     elif ck.latest_step() is None:
@@ -214,6 +220,9 @@ def prepare(*, seed: int, init_from: str, model: ModelSpec, data: DataSpec,
                               "(config.json + safetensors) nor a directory of complete Orbax "
                               "checkpoints")
     # else: resuming from the workdir's own checkpoint; the start point is not needed.
+  if not paths.is_remote(source):
+    source = os.path.abspath(source)
+  ck.model_source = source
   tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
   ledger = errors.SkipLedger()
   classes = list(annotations.load_class_file(data.class_file)) if data.class_file else None

@@ -65,7 +65,7 @@ def test_pulse_run_outputs(pulse):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     evals = {r["split"] for r in map(json.loads, f) if "split" in r}
   assert evals == {"test_close", "test_open"}
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6", "model_source.json"]
   with open(os.path.join(workdir, "run_config.json")) as f:
     assert json.load(f)["stage"] == "grpo"
   from transformers import AutoConfig

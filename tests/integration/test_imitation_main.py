@@ -94,7 +94,7 @@ def test_pulse_run_outputs(pulse):
     assert abs(sum(q["scores"].values()) - 1) < 1e-5
     assert q["prediction"] == max(q["scores"], key=q["scores"].get)
   assert "trainable" in p.stdout and "mesh" in p.stdout
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "5"]  # keep 2
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "5", "model_source.json"]  # keep 2; the HF source
   with open(os.path.join(workdir, "run_config.json")) as f:
     assert json.load(f)["stage"] == "imitation"
 

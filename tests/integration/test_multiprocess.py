@@ -128,7 +128,7 @@ def test_two_processes_train_as_one(runs):
 
 def test_one_checkpoint_set(runs):
   _, two = runs
-  assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "3"]  # keep 2
+  assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "3", "model_source.json"]  # keep 2
   for step in ("2", "3"):
     items = sorted(os.listdir(os.path.join(two, "checkpoints", step)))
     assert {"params", "opt", "meta", "data"} <= set(items), items
@@ -187,7 +187,11 @@ def test_grpo_two_processes_roll_out_and_train_as_one(grpo_runs):
 
 def test_grpo_one_checkpoint_set_and_eval_over_every_process(grpo_runs):
   _, two, _ = grpo_runs
-  assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4"]
+  assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4", "model_source.json"]
+  # Started from the SFT run's checkpoints, GRPO built the model they were trained as (the
+  # tiny base of the SFT default), not its own `model.checkpoint` (the random tiny model).
+  with open(os.path.join(two, "checkpoints", "model_source.json")) as f:
+    assert os.path.basename(json.load(f)["source"]).startswith("tiny_base_v")
   evals = {r["split"]: r for r in _rows(two) if "split" in r}
   assert set(evals) == {"test_close", "test_open"}
   for name, r in evals.items():

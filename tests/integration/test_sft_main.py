@@ -81,7 +81,7 @@ def test_pulse_run_outputs(pulse):
     assert r["n"] == 2 and 0 <= r["accuracy"] <= 1 and 0 <= r["format_rate"] <= 1
   assert "test_open" in open(os.path.join(workdir, "eval_report.md")).read()
   assert "trainable" in p.stdout and "frozen" in p.stdout and "mesh" in p.stdout
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "5"]  # keep 2
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "5", "model_source.json"]  # keep 2; the HF source
   assert os.listdir(os.path.join(workdir, "tb"))
   with open(os.path.join(workdir, "run_config.json")) as f:
     assert json.load(f)["stage"] == "sft"

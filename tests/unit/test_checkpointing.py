@@ -114,3 +114,29 @@ def test_loop_stops_on_nan_and_keeps_last_good_checkpoint(tmp_path):
   assert int(restored.step) == 2 and data == {"pos": 1}
   assert all(np.isfinite(x).all() for x in _leaves(restored.params))
   ck.close()
+
+
+def test_model_source_is_recorded_beside_the_first_save(tmp_path):
+  """A stage starting from these checkpoints must build the model they were trained as: the
+  HF source is written once, beside the first save, and read back from the workdir or its
+  checkpoints/ dir; nothing is recorded before a save, or when no source was set."""
+  _, state, _, _ = _state()
+  work = tmp_path / "run"
+  ck = checkpointing.Checkpointer(str(work / "checkpoints"), every_steps=1)
+  ck.model_source = "/models/base"
+  assert checkpointing.recorded_source(str(work)) is None
+  assert ck.save(state, {}, force=True)
+  ck.wait()
+  assert checkpointing.recorded_source(str(work)) == "/models/base"
+  assert checkpointing.recorded_source(str(work / "checkpoints")) == "/models/base"
+  ck.model_source = "/models/other"  # the record is the first save's, not overwritten
+  ck.save(state.replace(step=state.step + 1), {}, force=True)
+  ck.wait()
+  assert checkpointing.recorded_source(str(work)) == "/models/base"
+  assert ck.all_steps() == [0, 1]  # the record is no step directory
+  ck.close()
+  bare = checkpointing.Checkpointer(str(tmp_path / "bare"), every_steps=1)
+  bare.save(state, {}, force=True)
+  bare.wait()
+  assert checkpointing.recorded_source(str(tmp_path / "bare")) is None
+  bare.close()
