@@ -31,7 +31,8 @@ from configs import common
 
 # The steps in order: (step name = sub-workdir and config key, config module, its arg).
 # The results table lists the models of each step's eval report in this order.
-STEPS = (("imitation", "configs.imitation", ""), ("sft", "configs.sft", ""),
+STEPS = (("imitation_scratch", "configs.imitation", "scratch"),
+         ("imitation", "configs.imitation", ""), ("sft", "configs.sft", ""),
          ("grpo", "configs.grpo", ""), ("traces", "configs.traces", ""),
          ("calibrate", "configs.calibrate", ""), ("calibrate_hidden", "configs.calibrate", "hidden"),
          ("infer", "configs.infer", ""))
