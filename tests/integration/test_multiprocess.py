@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.integration.main_env import main_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The pulse at tiny sizes: a global batch of 8 (one row per device), 3 eval items per split
 # (odd, so a per-process shard of them could not reach n = 3).
@@ -29,15 +31,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, xla_cache):
-  root = tmp_path_factory.mktemp("multiprocess")
-  e = {k: v for k, v in os.environ.items()
-       if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-                            "SLURM_", "OMPI_", "TPU_WORKER"))}
-  e.update(JAX_PLATFORMS="cpu", DEEPINTUIT_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1",
-           JAX_COMPILATION_CACHE_DIR=xla_cache,
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-           PYTHONPATH=REPO + os.pathsep + e.get("PYTHONPATH", ""))
-  return e
+  return main_env(tmp_path_factory.mktemp("multiprocess"), xla_cache)
 
 
 def _devices(env: dict, n: int) -> dict:

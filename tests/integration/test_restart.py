@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from tests.integration.main_env import main_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 30  # enough steps after the first checkpoint for SIGINT to land inside the loop
 ARGS = ["--config=configs/sft.py:pulse", "--config.train.batch_size=2",
@@ -24,15 +26,7 @@ ARGS = ["--config=configs/sft.py:pulse", "--config.train.batch_size=2",
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, xla_cache):
-  root = tmp_path_factory.mktemp("restart")
-  e = dict(os.environ)
-  e["XLA_FLAGS"] = " ".join(f for f in e.get("XLA_FLAGS", "").split()
-                            if "host_platform_device_count" not in f)
-  e.update(JAX_PLATFORMS="cpu", DEEPINTUIT_CACHE=str(root / "cache"),
-           JAX_COMPILATION_CACHE_DIR=xla_cache,
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", HF_HUB_OFFLINE="1",
-           PYTHONPATH=REPO + os.pathsep + e.get("PYTHONPATH", ""))
-  return e
+  return main_env(tmp_path_factory.mktemp("restart"), xla_cache)
 
 
 def _cmd(workdir, *extra):

@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.integration.main_env import main_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Tiny sizes: 2-item batches, 4 frames of at most 16 patches-of-28.
 SMALL = ["--config.train.batch_size=2", "--config.data.max_frames=4",
@@ -22,17 +24,7 @@ SMALL = ["--config.train.batch_size=2", "--config.data.max_frames=4",
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, xla_cache):
-  root = tmp_path_factory.mktemp("sft_main")
-  e = dict(os.environ)
-  # One CPU device per subprocess (conftest's 8 host devices would replicate the work 8x),
-  # a shared cache for the tiny model / benchmark and for compiled programs.
-  e["XLA_FLAGS"] = " ".join(f for f in e.get("XLA_FLAGS", "").split()
-                            if "host_platform_device_count" not in f)
-  e.update(JAX_PLATFORMS="cpu", DEEPINTUIT_CACHE=str(root / "cache"),
-           JAX_COMPILATION_CACHE_DIR=xla_cache,
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", HF_HUB_OFFLINE="1",
-           PYTHONPATH=REPO + os.pathsep + e.get("PYTHONPATH", ""))
-  return e
+  return main_env(tmp_path_factory.mktemp("sft_main"), xla_cache)
 
 
 def _cmd(workdir, *extra):

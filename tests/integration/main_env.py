@@ -1,0 +1,25 @@
+"""The environment the integration tests run `python -m deepintuit_jax.main` in."""
+from __future__ import annotations
+
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Launcher variables a test run may have inherited (SLURM, Open MPI, TPU pods, an explicit
+# coordinator): a subprocess must not try to join that job.
+_LAUNCHER = ("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_", "OMPI_",
+             "TPU_WORKER")
+
+
+def main_env(root, xla_cache: str) -> dict:
+  """CPU with one device per subprocess (conftest's 8 host devices would replicate the work
+  8x; tests that want more set the flag again), the tiny model / benchmark cache under
+  `root`, the session's persistent XLA cache (`xla_cache` fixture), offline, the repo on
+  PYTHONPATH."""
+  e = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER)}
+  e["XLA_FLAGS"] = " ".join(f for f in e.get("XLA_FLAGS", "").split()
+                            if "host_platform_device_count" not in f)
+  e.update(JAX_PLATFORMS="cpu", DEEPINTUIT_CACHE=str(root / "cache"),
+           JAX_COMPILATION_CACHE_DIR=xla_cache,
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", HF_HUB_OFFLINE="1",
+           PYTHONPATH=REPO + os.pathsep + e.get("PYTHONPATH", ""))
+  return e
