@@ -50,6 +50,7 @@ class Checkpointer:
   stage starting from these checkpoints builds the same model (`recorded_source`).
   """
   model_source: str | None = None
+  _source_recorded = False
 
   def __init__(self, directory: str, *, every_steps: int, keep: int = 2,
                async_save: bool = True):
@@ -86,10 +87,11 @@ class Checkpointer:
         opt=ocp.args.StandardSave(state.opt_state),
         meta=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
         data=ocp.args.JsonSave(data_state or {}))
-    if self.model_source and jax.process_index() == 0:
+    if self.model_source and not self._source_recorded and jax.process_index() == 0:
       record = paths.join(self.directory, SOURCE_FILE)
-      if not paths.as_path(record).exists():
+      if not paths.as_path(record).exists():  # one look per run, not per save (gs://)
         write_json(record, {"source": self.model_source})
+      self._source_recorded = True
     return bool(self._mgr.save(step, args=args, force=True))
 
   def restore(self, state: TrainState, shardings: TrainState | None = None,
