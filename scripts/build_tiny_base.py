@@ -104,8 +104,8 @@ def vision_stats(model, records, *, tokenizer, options, n: int = 8) -> dict:
 def build(out: str, *, seed: int = 0, num_clips: int = 4000, num_heldout: int = 180,
           steps: int = 750, batch: int = 8, lr: float = 3e-3, corpus_dir: str = "",
           config=None, min_pixels: int = 3136, eval_every: int = 0,
-          compute_dtype: str = "bfloat16", dtype: str = "bfloat16", tower_steps: int = 500,
-          tower_clips: int = 2000, tower_batch: int = 16, tower_lr: float = 5e-3,
+          compute_dtype: str = "bfloat16", dtype: str = "bfloat16", tower_steps: int = 2500,
+          tower_clips: int = 4000, tower_batch: int = 16, tower_lr: float = 1e-3,
           frozen: str = r"^visual\.") -> dict:
   """Pretrains and writes the HF directory `out`; returns build_info (also in the dir)."""
   import jax
@@ -138,8 +138,16 @@ def build(out: str, *, seed: int = 0, num_clips: int = 4000, num_heldout: int = 
                                      length_buckets=(64, 96, 128, 192, 256))
   tower = None
   if tower_steps:
-    tower = pretrain_tower(model, records[:tower_clips], heldout, root, options, seed=seed,
+    # The tower stage computes in float32 (what was measured to learn motion; the subtle
+    # 2-frame differences of a token are the target), then hands `visual.*` to the model.
+    from flax import nnx
+    model32 = qwen2_5_vl.from_pretrained(
+        init_dir, mesh=mesh, opts=RuntimeOptions(dtype=jnp.float32, param_dtype=jnp.float32))
+    tower = pretrain_tower(model32, records[:tower_clips], heldout, root, options, seed=seed,
                            steps=tower_steps, batch=tower_batch, lr=tower_lr)
+    nnx.update(model.visual, nnx.state(model32.visual, nnx.Param))
+    tower["compute_dtype"] = "float32"
+    del model32
   groups = sharding.local_data_groups(mesh)
   if batch % groups:
     groups = 1
@@ -247,10 +255,11 @@ def main(argv=None) -> None:
   ap.add_argument("--eval_every", type=int, default=0)
   ap.add_argument("--compute_dtype", default="bfloat16", help="bfloat16 | float32")
   ap.add_argument("--corpus", default="", help="corpus folder (default: in the cache)")
-  ap.add_argument("--tower_steps", type=int, default=500, help="0 = no tower pretraining")
-  ap.add_argument("--tower_clips", type=int, default=2000)
+  ap.add_argument("--tower_steps", type=int, default=2500, help="0 = no tower pretraining")
+  ap.add_argument("--tower_clips", type=int, default=4000)
   ap.add_argument("--tower_batch", type=int, default=16)
-  ap.add_argument("--tower_lr", type=float, default=5e-3)
+  ap.add_argument("--tower_lr", type=float, default=1e-3,
+                  help="5e-3 learns colour and presence but never motion (measured)")
   ap.add_argument("--frozen", default=r"^visual\.",
                   help="regexes frozen in the VLM stage ('' = everything trainable)")
   ap.add_argument("--config", default="base", help="base | tiny (testing.tiny_config)")

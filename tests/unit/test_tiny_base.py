@@ -68,6 +68,7 @@ def test_checkpoint_dir_copies_once_and_loads(tmp_path):
   model = qwen2_5_vl.from_pretrained(path)
   assert model.config == qwen2_5_vl.Qwen2_5_VLConfig.from_pretrained_dir(tiny_base.ASSET_DIR)
   assert model.config.text == tiny_base.base_config().text
+  assert model.config.vision == tiny_base.base_config().vision  # the shipped weights' shape
   assert not [f for f in os.listdir(tmp_path / "cache") if ".tmp-" in f]
 
 
