@@ -110,16 +110,11 @@ def run(cfg: CalibrateRun, *, workdir: str, mesh) -> dict[str, Any]:
   data = stage.train_data(setup, cfg.train, mesh, model_config=vlm_config)
   loader, total, steps_per_epoch = data.loader, data.total, data.steps_per_epoch
   procs = jax.process_count()
-  tx = optim.make_optimizer(cfg.optim, total)
-  graphdef, state, shardings, data_state = stage.init_train_state(
-      setup, tx, cfg.optim.frozen, seed=cfg.seed, init_from=cfg.policy, mesh=mesh)
-  if data_state is not None:
-    loader.set_state(data_state)
-  if jax.process_index() == 0:
-    print(stage.summary(state, shardings, mesh), flush=True)
-    print(f"calibrator head {cfg.head}: {len(setup.records)} meta-review examples, "
-          f"{len(setup.classes)} classes {setup.classes} (label tokens {label_ids}); "
-          f"{steps_per_epoch} steps/epoch, {total} steps", flush=True)
+  tx, graphdef, state, shardings = stage.start_training(
+      setup, data, cfg.optim, seed=cfg.seed, init_from=cfg.policy, mesh=mesh,
+      describe=f"calibrator head {cfg.head}: {len(setup.records)} meta-review examples, "
+      f"{len(setup.classes)} classes {setup.classes} (label tokens {label_ids}); "
+      f"{steps_per_epoch} steps/epoch, {total} steps")
   step_fn = TrainStep(calibrate.make_loss_fn(graphdef, cfg.head, label_ids), tx,
                       optim.schedule(cfg.optim, total), mesh=mesh, state_sharding=shardings,
                       count_name="rows")

@@ -314,19 +314,13 @@ def run(cfg: ImitationRun, *, workdir: str, mesh) -> dict[str, Any]:
   loader, total, groups = data.loader, data.total, data.groups
   steps_per_epoch = data.steps_per_epoch
   procs = jax.process_count()
-  tx = optim.make_optimizer(cfg.optim, total)
   setup.model = build_classifier(setup.model, cfg.imitation, len(setup.classes), seed=cfg.seed,
                                  mesh=mesh)
-  graphdef, state, shardings, data_state = stage.init_train_state(
-      setup, tx, cfg.optim.frozen, seed=cfg.seed, init_from=cfg.init_from, mesh=mesh)
-  if data_state is not None:
-    loader.set_state(data_state)
-  if jax.process_index() == 0:
-    print(stage.summary(state, shardings, mesh), flush=True)
-    print(f"{cfg.imitation.model_name}: {len(setup.records)} training records, "
-          f"{len(setup.classes)} classes {setup.classes}; {steps_per_epoch} steps/epoch, "
-          f"{total} steps, accumulation {cfg.train.accum}, {groups} batch group(s) per process",
-          flush=True)
+  tx, graphdef, state, shardings = stage.start_training(
+      setup, data, cfg.optim, seed=cfg.seed, init_from=cfg.init_from, mesh=mesh,
+      describe=f"{cfg.imitation.model_name}: {len(setup.records)} training records, "
+      f"{len(setup.classes)} classes {setup.classes}; {steps_per_epoch} steps/epoch, "
+      f"{total} steps, accumulation {cfg.train.accum}, {groups} batch group(s) per process")
   step_fn = TrainStep(make_loss_fn(graphdef), tx, optim.schedule(cfg.optim, total), mesh=mesh,
                       state_sharding=shardings, row_axes=ROW_AXES, count_name="examples")
   index = label_index(setup.classes)

@@ -92,17 +92,12 @@ def run(cfg: SFTRun, *, workdir: str, mesh) -> dict[str, Any]:
                         data=cfg.data, checkpoint=cfg.checkpoint, workdir=workdir, mesh=mesh)
   data = stage.train_data(setup, cfg.train, mesh)
   loader, total = data.loader, data.total
-  tx = optim.make_optimizer(cfg.optim, total)
-  graphdef, state, shardings, data_state = stage.init_train_state(
-      setup, tx, cfg.optim.frozen, seed=cfg.seed, init_from=cfg.init_from, mesh=mesh)
-  if data_state is not None:
-    loader.set_state(data_state)
-  if jax.process_index() == 0:
-    print(stage.summary(state, shardings, mesh), flush=True)
-    print(f"{len(setup.records)} training records, {len(setup.classes)} classes "
-          f"{setup.classes}; {data.steps_per_epoch} steps/epoch, {total} steps, accumulation "
-          f"{cfg.train.accum}, {data.groups} batch group(s) per process, loss chunk "
-          f"{cfg.train.loss_chunk or 'off'}", flush=True)
+  tx, graphdef, state, shardings = stage.start_training(
+      setup, data, cfg.optim, seed=cfg.seed, init_from=cfg.init_from, mesh=mesh,
+      describe=f"{len(setup.records)} training records, {len(setup.classes)} classes "
+      f"{setup.classes}; {data.steps_per_epoch} steps/epoch, {total} steps, accumulation "
+      f"{cfg.train.accum}, {data.groups} batch group(s) per process, loss chunk "
+      f"{cfg.train.loss_chunk or 'off'}")
   step_fn = sft.make_train_step(graphdef, tx, optim.schedule(cfg.optim, total), mesh=mesh,
                                 state_sharding=shardings, loss_chunk=cfg.train.loss_chunk)
   procs = jax.process_count()

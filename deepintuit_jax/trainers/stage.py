@@ -314,6 +314,24 @@ def train_data(setup: Setup, train, mesh, *, model_config=None) -> TrainData:
   return TrainData(loader=loader, groups=groups, steps_per_epoch=steps_per_epoch, total=total)
 
 
+def start_training(setup: Setup, data: TrainData, optim_cfg, *, seed: int, init_from: str,
+                   mesh, describe: str) -> tuple[Any, Any, TrainState, TrainState]:
+  """The set-up a labelled-batch stage does after `train_data`: the optimizer over
+  `data.total` steps, the one resume order (`init_train_state`; frozen = `optim_cfg.frozen`),
+  the loader moved to a resumed run's position, and on process 0 the parameter summary
+  and `describe` (the stage's line: records, classes, steps). Returns (tx, graphdef, state,
+  shardings)."""
+  tx = optim.make_optimizer(optim_cfg, data.total)
+  graphdef, state, shardings, data_state = init_train_state(
+      setup, tx, optim_cfg.frozen, seed=seed, init_from=init_from, mesh=mesh)
+  if data_state is not None:
+    data.loader.set_state(data_state)
+  if jax.process_index() == 0:
+    print(summary(state, shardings, mesh), flush=True)
+    print(describe, flush=True)
+  return tx, graphdef, state, shardings
+
+
 def train_and_finish(state: TrainState, step_fn, micro_batches: Callable[[], Any], *,
                      graphdef, setup: Setup, loader, workdir: str, total: int, log_every: int,
                      prefetch_steps: int,
