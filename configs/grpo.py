@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       micro_batch_prompts=0,  # prompts per accumulation pass (0 = the mini-batch at once)
       ppo_epochs=1,           # passes over each rollout batch
       max_response_tokens=-1,
-      temperature=1.0,
+      temperature=-1.0,       # -1 = by recipe (release 1.0, tiny 0.7)
       top_p=1.0,
       rewards="format:1.0,accuracy:1.0",  # name:weight of registered rewards
       advantage="grpo",       # grpo | dr_grpo | rloo | reinforce_plus_plus_baseline

@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.eval_files = "none"
   c.traces = ml_collections.ConfigDict(dict(
       num_traces=-1,       # K traces per video (release 4)
-      temperature=1.0,
+      temperature=-1.0,    # -1 = by recipe (release 1.0, tiny 0.7)
       max_new_tokens=-1,   # release 2048
       batch_size=8,        # videos per sampler batch (K rows each)
       prompt="auto",       # meta-review prompt: full | compact (auto: compact for the tiny model)

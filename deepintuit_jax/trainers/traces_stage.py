@@ -23,10 +23,11 @@ from deepintuit_jax.evals import generation, two_stage
 from deepintuit_jax.trainers import loop, stage
 from deepintuit_jax.trainers.stage import DataSpec, ModelSpec
 
+# Tiny traces sample at 0.7, as its GRPO rollouts (grpo_stage.TINY says why).
 RELEASE = dict(num_traces=4, max_new_tokens=2048, max_frames=32, max_pixels=200704,
-               prompt="full")
+               prompt="full", temperature=1.0)
 TINY = dict(num_traces=4, max_new_tokens=192, max_frames=8, max_pixels=64 * 28 * 28,
-            prompt="compact")
+            prompt="compact", temperature=0.7)
 META = "calibration_meta.json"
 
 
@@ -86,7 +87,8 @@ def from_config(c) -> TracesRun:
       data=stage.data_spec(c, pick),
       sampling=generation.EvalConfig(batch_size=t.batch_size,
                                      max_new_tokens=pick(t.max_new_tokens, "max_new_tokens"),
-                                     temperature=t.temperature, seed=c.seed),
+                                     temperature=pick(t.temperature, "temperature"),
+                                     seed=c.seed),
       num_traces=pick(t.num_traces, "num_traces"), prompt=pick(t.prompt, "prompt"),
       priority=parse_priority(t.priority), max_items=t.max_items)
 

@@ -57,7 +57,7 @@ def test_traces_pulse(trace_dir):
   rows = [json.loads(line) for line in open(os.path.join(wd, "traces.jsonl"))]
   assert sorted((r["item_id"], r["trace_index"]) for r in rows) == sorted(
       {(r["item_id"], k) for r in rows for k in (0, 1)})
-  assert len(rows) == 12 and all(r["sampling"]["temperature"] == 1.0 for r in rows)
+  assert len(rows) == 12 and all(r["sampling"]["temperature"] == 0.7 for r in rows)  # tiny recipe
   examples = json.load(open(os.path.join(wd, "calibration_train.json")))
   assert len(examples) == 12 and all(os.path.isabs(
       e["conversations"][0]["content"][0]["video"]) for e in examples)
