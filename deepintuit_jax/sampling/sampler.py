@@ -8,10 +8,10 @@ once per (batch, prompt length, max_new_tokens) and vision-input shapes; tempera
 top_p are traced scalars, so changing them does not recompile.
 
 Log-probabilities: `logprobs[b, i]` is the log-probability of the emitted token under the
-raw policy, i.e. log_softmax of the unscaled logits (temperature 1, no top-p
-renormalisation), whatever temperature / top_p were used to draw it. This is the quantity
-GRPO's importance ratios need (the recipe samples at temperature 1.0, top-p 1.0, where the
-two coincide); at other settings it is not the probability of the sampling distribution.
+temperature-scaled policy, log_softmax(logits / temperature) (greedy: the unscaled logits),
+without top-p renormalisation. That is how verl's actor scores a rollout (logits divided by
+the rollout temperature), so GRPO's learner log-probs and these agree on-policy; at top_p < 1
+it is not the probability of the sampling distribution.
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def choose_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
                   ) -> tuple[jax.Array, jax.Array]:
   """Greedy when temperature == 0, else temperature + top-p sampling.
 
-  logits [B, V] float32 -> (tokens [B] int32, raw log-probs [B] float32, see module doc).
+  logits [B, V] float32 -> (tokens [B] int32, log-probs [B] float32 of logits / temperature
+  (greedy: of the logits), see module doc).
   key: one PRNG key, or a [B] array of typed keys (one per row).
   """
   logits = logits.astype(jnp.float32)
@@ -71,7 +72,7 @@ def choose_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
 
   tokens = jax.lax.cond(temperature > 0, draw,
                         lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
-  logp = jax.nn.log_softmax(logits, axis=-1)
+  logp = jax.nn.log_softmax(logits / jnp.where(temperature > 0, temperature, 1.0), axis=-1)
   return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 

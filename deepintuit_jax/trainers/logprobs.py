@@ -86,15 +86,20 @@ def token_logprobs(hidden: jax.Array, targets: jax.Array,
 
 
 def group_logprobs(graphdef: nnx.GraphDef, params, frozen, rest, group: dict, *,
-                   chunk: int = 0, entropy: bool = False
+                   chunk: int = 0, entropy: bool = False, temperature: float = 1.0
                    ) -> tuple[jax.Array, jax.Array | None]:
   """The model's per-token log-probs of `group`'s next tokens (one group: `input_ids
   [b, T]`, its own vision inputs). Returns (logp [b, T], entropy [b, T] or None); position t
-  scores input_ids[t + 1], the last position is meaningless (mask it)."""
+  scores input_ids[t + 1], the last position is meaningless (mask it). `temperature`: the
+  logits are divided by it first (GRPO scores its rollouts at their sampling temperature,
+  as verl's actor does)."""
   model = nnx.merge(graphdef, params, frozen, rest)
   out = model(**model_inputs(group), return_hidden=True)
-  return token_logprobs(out.hidden, next_tokens(group["input_ids"]), model.compute_logits,
-                        chunk, entropy=entropy)
+  logits_fn = model.compute_logits
+  if temperature != 1.0:
+    logits_fn = lambda h: model.compute_logits(h) / temperature  # noqa: E731
+  return token_logprobs(out.hidden, next_tokens(group["input_ids"]), logits_fn, chunk,
+                        entropy=entropy)
 
 
 def map_groups(fn: Callable[..., Any], batch: dict, *shared: Any) -> Any:

@@ -175,6 +175,48 @@ def test_on_policy_gradient_is_reinforce_and_micro_batches_equal_one_batch():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+def _np_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_old_logprobs_loss_and_entropy_use_the_sampling_temperature():
+  """verl's actor divides the logits by the rollout temperature before every log-prob (old,
+  current, reference) and the entropy. Here at T = 0.5: the learner's old log-probs are
+  log_softmax(logits / T) of a plain forward (NumPy), the on-policy step sees ratio 1
+  (ppo_kl 0), and its entropy metric is the NumPy entropy of softmax(logits / T)."""
+  t = 0.5
+  graphdef, state, tx, _ = _setup(cfg=MICRO, tx=optax_sgd())
+  ro = _rollout(seed=2, n=2, g=2, cfg=MICRO)
+  adv = np.array([1.0, -1.0, 0.5, -0.5], np.float32)
+  cfg = learner_lib.GRPOConfig(group_size=2, prompts_per_rollout=2, mini_batch_prompts=2,
+                               logp_chunk=0, temperature=t)
+  learner = learner_lib.GRPOLearner(graphdef, optax_sgd(), lambda s: 0.0, cfg=cfg,
+                                    tokenizer=None, options=OPTS, model_config=MICRO,
+                                    pad_id=PAD)
+  old = learner._logprobs((state.params, state.frozen, state.rest), ro, adv)
+  mb = ro.micro_batch([0, 1], advantages=adv, options=OPTS, model_config=MICRO, pad_id=PAD,
+                      token_arrays={"old_logprobs": old})
+  model = nnx.merge(graphdef, state.params, state.frozen, state.rest)
+  logits = np.asarray(jax.jit(lambda b: model(**logprobs.model_inputs(b)).logits)(mb))
+  ls = _np_log_softmax(logits / t)[:, :-1]                       # position i scores i + 1
+  ids = np.asarray(mb["input_ids"])[:, 1:]
+  want = np.take_along_axis(ls, ids[..., None], -1)[..., 0]
+  mask = np.asarray(mb["loss_mask"])[:, :-1].astype(bool)
+  np.testing.assert_allclose(np.asarray(mb["old_logprobs"])[:, :-1][mask], want[mask],
+                             rtol=1e-4, atol=1e-5)
+  assert not np.allclose(want[mask], np.take_along_axis(
+      _np_log_softmax(logits)[:, :-1], ids[..., None], -1)[..., 0][mask], atol=1e-2)
+  step = learner_lib.TrainStep(learner_lib.make_loss_fn(graphdef, cfg), tx,
+                               lambda s: 1.0, count_name="loss_weight",
+                               finalize_aux=learner_lib.finalize_aux)
+  _, m = step(jax.tree.map(jnp.copy, state), (mb,))
+  assert abs(float(m["ppo_kl"])) < 1e-5 and float(m["pg_clipfrac"]) == 0.0
+  ent = -(np.exp(ls) * ls).sum(-1)
+  np.testing.assert_allclose(float(m["entropy"]), ent[mask].mean(), rtol=1e-4)
+
+
 def test_rollout_old_logp_and_update_compile_once_per_shape(tokenizer):
   graphdef, state, tx, lr = _setup()
   cfg = learner_lib.GRPOConfig(group_size=2, prompts_per_rollout=2, mini_batch_prompts=1,

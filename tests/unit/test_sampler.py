@@ -44,12 +44,16 @@ def _prompts():
 
 @nnx.jit
 def _log_probs_jit(model, ids, mask):
-  return jax.nn.log_softmax(model(ids, mask).logits, -1)
+  return model(ids, mask).logits
 
 
-def _log_probs(model, ids, mask) -> np.ndarray:
-  """Full-forward log-probs [B, T, V] (jitted: eager dispatch is slow on 2 cores)."""
-  return np.asarray(_log_probs_jit(model, jnp.asarray(ids), jnp.asarray(mask)))
+def _log_probs(model, ids, mask, temperature: float = 1.0) -> np.ndarray:
+  """Full-forward log-probs [B, T, V] of logits / temperature, in NumPy (the forward is
+  jitted: eager dispatch is slow on 2 cores)."""
+  z = np.asarray(_log_probs_jit(model, jnp.asarray(ids), jnp.asarray(mask)), np.float64)
+  z = z / temperature
+  z = z - z.max(-1, keepdims=True)
+  return (z - np.log(np.exp(z).sum(-1, keepdims=True))).astype(np.float32)
 
 
 def _reference_greedy(model, ids, mask, n):
@@ -97,7 +101,7 @@ def test_stop_tokens_end_rows_independently(model):
     assert (lp[r, :n] < 0).all()
 
 
-def test_sampling_is_deterministic_per_seed_and_logprobs_are_raw(model):
+def test_sampling_is_deterministic_per_seed_and_logprobs_are_of_the_scaled_logits(model):
   left, lmask, _, _ = _prompts()
   kw = dict(max_new_tokens=N, temperature=1.5, top_p=0.9)
   a = generate(model, left, lmask, rng=3, **kw)
@@ -106,10 +110,11 @@ def test_sampling_is_deterministic_per_seed_and_logprobs_are_raw(model):
   np.testing.assert_array_equal(a[0], b[0])
   np.testing.assert_array_equal(a[1], b[1])
   assert not np.array_equal(a[0], c[0])
-  # Reported log-probs are the raw (temperature 1) policy's, whatever was sampled.
+  # Reported log-probs are of logits / temperature (no top-p renormalisation), as verl's
+  # actor scores a rollout.
   ids = np.concatenate([left, a[0][:, :-1]], 1)
   mask = np.concatenate([lmask, np.ones_like(a[0][:, :-1])], 1)
-  logp = _log_probs(model, ids, mask)[:, 6:]
+  logp = _log_probs(model, ids, mask, temperature=1.5)[:, 6:]
   want = np.take_along_axis(logp, a[0][..., None], -1)[..., 0]
   np.testing.assert_allclose(a[1], want, rtol=1e-4, atol=1e-4)
 

@@ -104,7 +104,8 @@ class GRPOConfig:
 def make_loss_fn(graphdef: nnx.GraphDef, cfg: GRPOConfig):
   """`loss_fn(params, frozen, rest, batch) -> (sum, count, aux)` (the TrainStep contract) of
   the policy loss on a grouped learner batch (rollout.Rollout.micro_batch): per group, the
-  current log-probs and entropies (`logprobs.group_logprobs`), the registered policy loss's
+  current log-probs and entropies of logits / cfg.temperature (`logprobs.group_logprobs`;
+  verl's actor scores a rollout at its sampling temperature), the registered policy loss's
   additive parts, minus entropy_coef x entropy, plus kl_coef x KL to the reference (both
   aggregated like the loss). aux: token sums of pg_clipfrac, pg_clipfrac_lower, ppo_kl,
   entropy (and kl), the masked-token count, and pg_loss (the policy term's sum)."""
@@ -118,7 +119,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: GRPOConfig):
 
   def group(g, params, frozen, rest):
     logp, ent = logprobs.group_logprobs(graphdef, params, frozen, rest, g,
-                                        chunk=cfg.logp_chunk, entropy=True)
+                                        chunk=cfg.logp_chunk, entropy=True,
+                                        temperature=cfg.temperature)
     mask = g["loss_mask"].astype(jnp.float32)
     total, count, aux = policy(logp, g["old_logprobs"], g["advantages"], mask,
                                rollout_logp=g["rollout_logprobs"] if cfg.tis_cap else None,
@@ -153,13 +155,15 @@ def finalize_aux(aux: dict, count: jax.Array) -> dict:
 class LogprobPass:
   """`pass(params, frozen, rest, device_batch) -> [G, b, T]` per-token log-probs of a
   learner batch (old log-probs with the current parameters, reference log-probs with the
-  frozen start), one jitted forward; compiles once per batch shape (`num_traces()`)."""
+  frozen start) at the rollouts' sampling `temperature`, one jitted forward; compiles once
+  per batch shape (`num_traces()`)."""
 
-  def __init__(self, graphdef: nnx.GraphDef, chunk: int):
+  def __init__(self, graphdef: nnx.GraphDef, chunk: int, temperature: float = 1.0):
     self._traces = 0
 
     def group(g, params, frozen, rest):
-      return logprobs.group_logprobs(graphdef, params, frozen, rest, g, chunk=chunk)[0]
+      return logprobs.group_logprobs(graphdef, params, frozen, rest, g, chunk=chunk,
+                                     temperature=temperature)[0]
 
     def run(params, frozen, rest, mb):
       self._traces += 1  # at trace time only
@@ -210,7 +214,7 @@ class GRPOLearner:
     self.update = TrainStep(make_loss_fn(graphdef, cfg), tx, lr_fn, mesh=mesh,
                             state_sharding=state_sharding, row_axes=self.row_axes,
                             count_name="loss_weight", finalize_aux=finalize_aux)
-    self.logp = LogprobPass(graphdef, cfg.logp_chunk)
+    self.logp = LogprobPass(graphdef, cfg.logp_chunk, cfg.temperature)
     self.reward_weights = dict(cfg.rewards)
 
   # ------------------------------------------------------------------------ pieces
