@@ -10,18 +10,14 @@ import sys
 
 import pytest
 
+from tests.integration.main_env import main_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  root = tmp_path_factory.mktemp("user_errors")
-  e = dict(os.environ)
-  e["XLA_FLAGS"] = " ".join(f for f in e.get("XLA_FLAGS", "").split()
-                            if "host_platform_device_count" not in f)
-  e.update(JAX_PLATFORMS="cpu", DEEPINTUIT_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1",
-           PYTHONPATH=REPO + os.pathsep + e.get("PYTHONPATH", ""))
-  return e
+def env(tmp_path_factory, xla_cache):
+  return main_env(tmp_path_factory.mktemp("user_errors"), xla_cache)
 
 
 def _fail(env, workdir, *args):
