@@ -23,10 +23,10 @@ from deepintuit_jax.trainers.stage import CheckpointSpec, DataSpec, ModelSpec
 # What "-1" / "auto" in configs/grpo.py resolve to: the release's GRPO recipe for a real
 # checkpoint, small settings that finish in minutes on a CPU for the built-in tiny model.
 # Tiny: sampling at 0.7 (at 1.0 only 6-38% of the tiny SFT policy's rollouts are well
-# formed, against 62-100% at 0.7, so most groups carried no signal); lr 1e-5 (at 1e-4, on the
-# same prompts and keys, the rollouts' format reward fell over 16 steps, 0.88 -> 0.62, the
-# entropy rose 0.31 -> 0.44 and held-out close accuracy fell 0.92 -> 0.83; at 1e-5 they hold).
-# Measured from the chain's SFT export; README "Stage 2 ... and the whole chain".
+# formed, against 62-94% at 0.7, so most groups carried no signal); lr 1e-5 (at 1e-4, on the
+# same prompts and keys, the rollouts' format reward fell over 16 steps, 0.88 -> 0.75, the
+# entropy rose 0.14 -> 0.18 and held-out close accuracy fell 0.92 -> 0.74; at 1e-5 they hold).
+# Measured from the chain's SFT export; README "GRPO" (what to expect).
 RELEASE = dict(learning_rate=1e-6, warmup_steps=10, epochs=20, num_steps=0, group_size=8,
                prompts_per_rollout=64, mini_batch_prompts=32, max_response_tokens=2048,
                max_frames=32, max_pixels=200704, max_new_tokens=2048, every_steps=50,
