@@ -9,8 +9,9 @@ versions.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -52,6 +53,15 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axes: Sequence[str] = MESH_AXES
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1:  # TPU multi-slice: the data axis spans the slices (DCN), the rest stays in one
+    if shape[0] % slices:
+      raise ValueError(f"mesh shape {shape}: the data axis must be a multiple of the {slices} "
+                       "slices (data parallelism over DCN)")
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_hybrid_device_mesh(
+        [shape[0] // slices] + list(shape[1:]), [slices] + [1] * (len(shape) - 1), devices)
+    return Mesh(grid, tuple(axes))
   return Mesh(np.asarray(devices).reshape(shape), tuple(axes))
 
 
@@ -128,6 +138,67 @@ SHARED_KEYS: tuple[str, ...] = ("pixel_values_videos", "video_layout", "pixel_va
 def data_parallel_size(mesh: Mesh) -> int:
   """Devices along the data-parallel axes ("data" x "fsdp")."""
   return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+
+
+def context_mesh():
+  """The mesh in context (`jax.set_mesh`), abstract (usable while tracing), or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
+
+
+def mesh_platform(mesh=None) -> str:
+  """"tpu" / "gpu" / "cpu": the platform of `mesh`'s devices (default: the mesh in context),
+  else of the default backend. A program compiled ahead of time on a CPU host for TPU
+  devices (launch/aot_check.py) is a TPU program: its kernels are chosen by this."""
+  mesh = mesh if mesh is not None else context_mesh()
+  platform = None
+  if isinstance(mesh, Mesh):
+    platform = np.asarray(mesh.devices).flat[0].platform
+  elif mesh is not None:  # an AbstractMesh (or a stand-in) carries its device's platform
+    platform = getattr(getattr(mesh, "abstract_device", None), "platform", None)
+    platform = platform or getattr(mesh, "platform", None)
+  platform = (platform or jax.default_backend()).lower()
+  return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+# Mesh axes that enclosing `vmap_groups` calls map their group axis onto (spmd_axis_name),
+# while they trace: code inside (a shard_map'd kernel) must not shard its rows over them.
+_GROUP_AXES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "deepintuit_group_axes", default=())
+
+
+def _dp_axes(mesh, n: int, taken: Sequence[str] = ()) -> tuple[str, ...]:
+  """The data-parallel axes of `mesh` (size > 1, not in `taken`) whose product divides n;
+  () when they do not divide it (the caller then replicates)."""
+  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and a not in taken
+               and mesh.shape[a] > 1)
+  size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  return axes if n % size == 0 else ()
+
+
+def vmap_groups(fn: Callable[..., Any], in_axes, groups: int) -> Callable[..., Any]:
+  """`jax.vmap(fn, in_axes)` over a group axis of size `groups`, which the data-parallel
+  axes of the mesh in context split (each device holds whole groups; see batch_shardings):
+  the vmap names them as its `spmd_axis_name`, so sharding constraints and shard_maps
+  inside keep the groups where they are, and code inside learns (`row_axes`) that its
+  rows are not split over them."""
+  mesh = context_mesh()
+  axes = _dp_axes(mesh, groups) if mesh is not None else ()
+  mapped = jax.vmap(fn, in_axes=in_axes, spmd_axis_name=axes or None)
+
+  def run(*args):
+    token = _GROUP_AXES.set(_GROUP_AXES.get() + axes)
+    try:
+      return mapped(*args)
+    finally:
+      _GROUP_AXES.reset(token)
+  return run
+
+
+def row_axes(mesh, rows: int) -> tuple[str, ...]:
+  """The mesh axes over which `rows` rows of an array traced here split: the data-parallel
+  axes not taken by an enclosing `vmap_groups`, when their product divides `rows`."""
+  return _dp_axes(mesh, rows, _GROUP_AXES.get())
 
 
 def local_data_groups(mesh: Mesh) -> int:

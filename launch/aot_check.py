@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import time
 from typing import Any, Callable
@@ -35,24 +36,46 @@ GiB = 2 ** 30
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--step", default="sft", help="which step to check: " + ", ".join(STEPS))
+  p.add_argument("--step", default="sft",
+                 help="comma-separated programs, or 'all': " + ", ".join(STEPS))
+  p.add_argument("--topology", default="",
+                 help="compile for a TPU slice (v4-8, v5e-16, v5p-16, v6e-8, ...; needs libtpu)")
+  p.add_argument("--num_slices", type=int, default=1,
+                 help="slices of --topology; data parallelism over DCN (the data axis x N)")
   p.add_argument("--size", default="7b", help="3b, 7b, 32b, 72b or tiny")
   p.add_argument("--layers", type=int, default=0, help="override the decoder depth (quick checks)")
-  p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor (one -1 = the rest)")
-  p.add_argument("--batch", type=int, default=8, help="global sequences per micro-batch")
+  p.add_argument("--mesh", default="1,-1,1",
+                 help="data,fsdp,tensor per slice (one -1 = the rest)")
+  p.add_argument("--batch", type=int, default=8,
+                 help="global sequences per micro-batch (rollout: prompts per rollout)")
   p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
-  p.add_argument("--text", type=int, default=1024, help="text tokens per sequence")
+  p.add_argument("--text", type=int, default=1024,
+                 help="text tokens per sequence (GRPO update: prompt + response)")
   p.add_argument("--frames", type=int, default=32)
   p.add_argument("--side", type=int, default=448, help="frame side in pixels (multiple of 28)")
+  p.add_argument("--response", type=int, default=2048, help="rollout: max new tokens")
+  p.add_argument("--group", type=int, default=8, help="rollout: responses per prompt (G)")
   p.add_argument("--remat", default="full")
   p.add_argument("--attention", default="", help="model.attention_impl ('' = auto)")
   p.add_argument("--attention_block", type=int, default=512)
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--loss_chunk", type=int, default=1024)
-  p.add_argument("--frozen", default=r"^visual\.", help="comma-separated regexes")
+  p.add_argument("--frozen", default=None,
+                 help="comma-separated regexes (default: the release's: the vision tower in "
+                      "sft and calibrate, nothing in grpo)")
+  p.add_argument("--hbm_gib", type=float, default=0.0,
+                 help="memory per device to judge against (default: the TPU chip's; none "
+                      "for CPU devices unless given)")
   p.add_argument("--fake_devices", type=int, default=0, help="N host CPU devices (0 = real ones)")
   p.add_argument("--no_compile", action="store_true", help="lower only")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  args.steps = list(STEPS) if args.step == "all" else [x for x in args.step.split(",") if x]
+  bad = [x for x in args.steps if x not in STEPS]
+  if bad:
+    p.error(f"--step {','.join(bad)}: not one of {', '.join(STEPS)} (or 'all')")
+  if args.topology and args.fake_devices:
+    p.error("--topology and --fake_devices exclude each other")
+  return args
 
 
 @dataclasses.dataclass
@@ -105,52 +128,81 @@ def _abstract(tree, shardings):
                             for x, s in zip(leaves, sh)])
 
 
-def _build(args, cfg, opts, mesh, kind: str) -> Built:
-  """The train step of `kind` (sft, grpo) lowered from shapes. Every trainer name the check
-  uses is in here."""
+RELEASE_FROZEN = {"sft": r"^visual\.", "calibrate": r"^visual\.", "grpo": ""}
+
+
+def _train_state(args, cfg, opts, mesh, kind: str):
+  """The abstract train state of `kind` (optimizer state included) and its shardings."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
-  from deepintuit_jax import sharding as sharding_lib
   from deepintuit_jax.models import qwen2_5_vl
-  from deepintuit_jax.trainers import optim, sft
+  from deepintuit_jax.trainers import optim
   from deepintuit_jax.trainers import state as train_state
-
-  groups = sharding_lib.local_data_groups(mesh)
-  if args.batch % groups:
-    raise ValueError(f"--batch {args.batch} must be a multiple of the {groups} data-parallel "
-                     f"shards of mesh {dict(mesh.shape)}")
+  frozen_re = RELEASE_FROZEN[kind] if args.frozen is None else args.frozen
   model = qwen2_5_vl.abstract_model(cfg, opts)
-  ocfg = optim.OptimConfig(frozen=tuple(p for p in args.frozen.split(",") if p))
+  ocfg = optim.OptimConfig(frozen=tuple(p for p in frozen_re.split(",") if p))
   tx = optim.make_optimizer(ocfg, 1000)
-  lr_fn = optim.schedule(ocfg, 1000)
   graphdef, params, frozen, rest = optim.partition(model, ocfg.frozen)
   state = train_state.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                                  frozen=frozen, rest=rest,
                                  opt_state=jax.eval_shape(tx.init, params),
                                  rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-  shardings = train_state.state_shardings(state, mesh)
+  return graphdef, tx, optim.schedule(ocfg, 1000), state, train_state.state_shardings(state,
+                                                                                        mesh)
+
+
+def _groups(args, mesh) -> int:
+  """Batch groups of the global batch: one per data-parallel shard, over all processes (a
+  topology's devices belong to many hosts; each host's loader yields its own groups)."""
+  from deepintuit_jax import sharding as sharding_lib
+  groups = sharding_lib.data_parallel_size(mesh)
+  if args.batch % groups:
+    raise SystemExit(f"error: --batch {args.batch} must be a multiple of the {groups} "
+                     f"data-parallel shards of mesh {dict(mesh.shape)} (one row per shard "
+                     "at least; use --accum for a larger global batch)")
+  return groups
+
+
+def _abstract_batch(host: dict, mesh, row_axes=None) -> dict:
+  import jax
+  import numpy as np
+  from deepintuit_jax import sharding as sharding_lib
+  sh = sharding_lib.batch_shardings(host, mesh, row_axes=row_axes)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                                        sharding=s), host, sh)
+
+
+def _build(args, cfg, opts, mesh, kind: str) -> Built:
+  """The train step of `kind` (sft, grpo, calibrate) lowered from shapes. Every trainer name
+  the check uses is in here."""
+  import numpy as np
+  from deepintuit_jax import sharding as sharding_lib
+  from deepintuit_jax.trainers import calibrate, optim, sft
+  from deepintuit_jax.trainers.step import TrainStep
+
+  groups = _groups(args, mesh)
+  graphdef, tx, lr_fn, state, shardings = _train_state(args, cfg, opts, mesh, kind)
   host = sharding_lib.as_groups(sft.device_batch(fake_batch(
       cfg, batch=args.batch, groups=groups, text=args.text, frames=args.frames,
       side=args.side)))
   if kind == "grpo":
     host, step = grpo_step(graphdef, tx, lr_fn, host, mesh=mesh, shardings=shardings,
                            loss_chunk=args.loss_chunk)
+  elif kind == "calibrate":  # the release's label-token readout (loss on one token per row)
+    step = TrainStep(calibrate.make_loss_fn(graphdef, "label_token", [1, 2]), tx, lr_fn,
+                     mesh=mesh, state_sharding=shardings, count_name="rows")
   else:
     step = sft.make_train_step(graphdef, tx, lr_fn, mesh=mesh, state_sharding=shardings,
                                loss_chunk=args.loss_chunk)
-  batch_sh = sharding_lib.batch_shardings(host, mesh, row_axes=step.row_axes)
-  abstract_batch = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=s),
-      host, batch_sh)
-  lowered = step.jitted.lower(_abstract(state, shardings), (abstract_batch,) * args.accum)
+  lowered = step.jitted.lower(_abstract(state, shardings),
+                              (_abstract_batch(host, mesh, step.row_axes),) * args.accum)
   g, b, t = np.shape(host["input_ids"])
-  n_dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  n_dp = sharding_lib.data_parallel_size(mesh)
   return Built(lowered=lowered, state=state, shardings=shardings,
                rows_per_device=max(g * b // n_dp, 1), seq_len=t,
                patches_per_device=int(np.shape(host["pixel_values_videos"])[1]) * max(g // n_dp, 1),
-               info=dict(groups=groups, trainable=optim.count_params(params),
-                         frozen=optim.count_params(frozen), tokens_per_step=int(g * b * t),
+               info=dict(groups=groups, trainable=optim.count_params(state.params),
+                         frozen=optim.count_params(state.frozen), tokens_per_step=int(g * b * t),
                          patches_per_group=int(np.shape(host["pixel_values_videos"])[1])))
 
 
@@ -169,9 +221,55 @@ def grpo_step(graphdef, tx, lr_fn, host: dict, *, mesh, shardings, loss_chunk: i
                                  state_sharding=shardings, finalize_aux=learner.finalize_aux)
 
 
+def _build_rollout(args, cfg, opts, mesh) -> Built:
+  """GRPO's rollout program (sampling.sampler): the prefill of `--batch` prompts (text +
+  video, vision tower included), then `--response` decode steps of `--group` responses per
+  prompt over one shared prompt cache, with the learner's parameters as they are held in
+  training (fp32, sharded like the train state)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from deepintuit_jax import sharding as sharding_lib
+  from deepintuit_jax.models import qwen2_5_vl
+  from deepintuit_jax.sampling import sampler
+  from deepintuit_jax.trainers import optim
+  from deepintuit_jax.trainers.grpo import rollout
+
+  groups = _groups(args, mesh)
+  graphdef, state = nnx.split(qwen2_5_vl.abstract_model(cfg, opts))
+  shardings = sharding_lib.state_shardings(state, mesh)
+  host = sharding_lib.as_groups({k: v for k, v in fake_batch(
+      cfg, batch=args.batch, groups=groups, text=args.text, frames=args.frames,
+      side=args.side).items() if k in rollout.SAMPLER_KEYS})
+  host["input_ids"] = np.asarray(host["input_ids"], np.int32)
+  host["attention_mask"] = np.asarray(host["attention_mask"]).astype(bool)
+  g, b, t = host["input_ids"].shape
+  host["row_ids"] = np.arange(g * b, dtype=np.int32).reshape(g, b)
+  scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=NamedSharding(mesh, P()))  # noqa
+  lowered = sampler._sample_jit.lower(
+      graphdef, _abstract(state, shardings),
+      _abstract_batch(host, mesh, rollout.SAMPLER_ROW_AXES),
+      scalar(jax.eval_shape(lambda: jax.random.key(0)).dtype),  # a typed PRNG key
+      scalar(jnp.float32), scalar(jnp.float32),
+      jax.ShapeDtypeStruct((2,), jnp.int32, sharding=NamedSharding(mesh, P())),
+      scalar(jnp.int32), max_new_tokens=args.response, num_samples=args.group,
+      cache_dtype=opts.dtype)
+  n_dp = sharding_lib.data_parallel_size(mesh)
+  return Built(lowered=lowered, state=state, shardings=shardings,
+               rows_per_device=max(g * b * args.group // n_dp, 1), seq_len=t,
+               patches_per_device=int(np.shape(host["pixel_values_videos"])[1]) * max(g // n_dp, 1),
+               info=dict(groups=groups, trainable=0, frozen=optim.count_params(state),
+                         tokens_per_step=int(g * b * (t + args.response * args.group)),
+                         patches_per_group=int(np.shape(host["pixel_values_videos"])[1])))
+
+
 STEPS: dict[str, Callable[..., Built]] = {
     "sft": lambda *a: _build(*a, kind="sft"),
     "grpo": lambda *a: _build(*a, kind="grpo"),  # the policy-loss update step
+    "rollout": _build_rollout,                   # GRPO's sampler: prefill + decode loop
+    "calibrate": lambda *a: _build(*a, kind="calibrate"),
 }
 
 
@@ -285,7 +383,157 @@ def report(out, transients, mem) -> list[str]:
   return lines
 
 
+def _mesh(args):
+  """The mesh of the run checked: over a TPU slice's compile-only devices (--topology, its
+  data axis x --num_slices over DCN), N fake CPU devices, or this machine's devices."""
+  import jax
+  from deepintuit_jax import sharding as sharding_lib
+  shape = [int(x) for x in args.mesh.split(",")]
+  devices, spec = None, None
+  if args.topology:
+    from launch import tpu_topologies
+    spec = tpu_topologies.slice_spec(args.topology)
+    try:
+      devices = tpu_topologies.devices(spec, args.num_slices)
+    except Exception as e:  # noqa: BLE001 (libtpu missing or refusing: one line)
+      raise SystemExit(f"error: no TPU topology {spec.topology} ({e.__class__.__name__}: "
+                       f"{str(e).splitlines()[0][:200]}); install libtpu: pip install "
+                       '"jax[tpu]" (Python >= 3.11, one process at a time)')
+    if shape[0] != -1:
+      shape[0] *= args.num_slices
+  elif args.num_slices != 1:
+    raise SystemExit("error: --num_slices needs --topology")
+  return sharding_lib.make_mesh(shape, devices=devices or jax.devices()), spec
+
+
+def _memory(compiled) -> dict[str, int]:
+  m = compiled.memory_analysis()
+  keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+          "alias_size_in_bytes", "generated_code_size_in_bytes")
+  mem = {k: int(getattr(m, k, 0) or 0) for k in keys} if m is not None else {}
+  if mem:  # donated state: outputs that alias arguments take no second buffer
+    mem["total_bytes"] = (mem["argument_size_in_bytes"] + mem["temp_size_in_bytes"]
+                          + mem["output_size_in_bytes"] - mem["alias_size_in_bytes"]
+                          + mem["generated_code_size_in_bytes"])
+  return mem
+
+
+_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\).*available HBM \(([\d.]+)([KMGT]?)\)",
+                  re.S)
+
+
+def _oom_figures(err: Exception) -> dict[str, int] | None:
+  """XLA:TPU refuses at compile time a program that cannot fit (CompileTimeHbmOom): its
+  message names the bytes it needed and the HBM it had."""
+  m = _OOM.search(str(err))
+  if not m:
+    return None
+  unit = lambda u: 1024 ** "_KMGT".index(u or "_")  # noqa: E731
+  return dict(temp_size_in_bytes=int(float(m.group(1)) * unit(m.group(2))),
+              hbm_bytes=int(float(m.group(3)) * unit(m.group(4))))
+
+
+def _attention_name(opts, mesh) -> str:
+  from deepintuit_jax import sharding as sharding_lib
+  from deepintuit_jax.models.qwen2_5_vl import attention
+  impl = attention.resolve_impl(opts.attention_impl, dtype=opts.dtype, head_dim=128,
+                                causal_text=True, platform=sharding_lib.mesh_platform(mesh))
+  return {"pallas": "splash", "cudnn": "cudnn flash"}.get(impl, impl)
+
+
+def suggestions(args, mesh, built: Built, total: int, hbm: int) -> list[str]:
+  """What would fit, estimated from this compile's own figures (each to be checked with
+  its own run): the sharded state shrinks with more fsdp devices, activations with fewer
+  rows per device."""
+  import numpy as np
+  out = []
+  held = _bytes_per_device(built.state, built.shardings)
+  n = int(np.prod(list(mesh.shape.values())))
+  fsdp = mesh.shape["fsdp"]
+  for more in (2, 4, 8, 16):
+    if total - held + held / more <= hbm * 0.95:
+      out.append(f"{more * n} devices (fsdp x{more}): the train state {held / GiB:.1f} -> "
+                 f"{held / more / GiB:.1f} GiB per device")
+      break
+  if built.rows_per_device > 1:
+    out.append(f"--batch={args.batch // 2} --accum={2 * args.accum}: half the activations "
+               "per device, the same global batch")
+  if args.remat != "full":
+    out.append("--remat=full: keep only each layer's input for the backward")
+  if mesh.shape["tensor"] == 1 and fsdp % 2 == 0:
+    out.append(f"--mesh=1,{fsdp // 2},2: tensor parallelism splits each layer's gathered "
+               "weights, their gradients and the MLP activations")
+  if not out:
+    out.append("a chip with more HBM, or fewer trainable parameters (--frozen)")
+  return out
+
+
+def check(args, cfg, opts, mesh, spec, name: str) -> dict:
+  """Lowers and compiles one program; prints its figures and verdict; returns them."""
+  import jax
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):  # the model's per-layer FSDP gathers need the mesh in context
+    built = STEPS[name](args, cfg, opts, mesh)
+  out = dict(step=name, size=args.size, mesh=dict(mesh.shape), **built.info,
+             lower_seconds=round(time.perf_counter() - t0, 1))
+  print(f"== {name} {args.size}: {out['trainable']:,} trainable + {out['frozen']:,} frozen "
+        f"parameters; mesh {dict(mesh.shape)}; {out['groups']} batch group(s); "
+        f"{out['tokens_per_step']:,} token slots; lowered in {out['lower_seconds']}s",
+        flush=True)
+  if name != "rollout":
+    held, transients = breakdown(args, cfg, opts, mesh, built)
+    out["analytic_bytes"] = {k: int(b) for k, b in {**held, **transients}.items()}
+  if args.no_compile:
+    if "analytic_bytes" in out:
+      print("\n".join(report(held, transients, None)))
+    return out
+  t0 = time.perf_counter()
+  try:
+    compiled = built.lowered.compile()
+  except Exception as e:  # noqa: BLE001
+    oom = _oom_figures(e)
+    if oom is None:
+      raise
+    out.update(oom, compile_seconds=round(time.perf_counter() - t0, 1))
+    out["total_bytes"] = _bytes_per_device(built.state, built.shardings) + oom[
+        "temp_size_in_bytes"]
+    print(f"XLA:TPU refused it (CompileTimeHbmOom): temporaries "
+          f"{oom['temp_size_in_bytes'] / GiB:.2f} GiB > {oom['hbm_bytes'] / GiB:.2f} GiB HBM")
+  else:
+    out["compile_seconds"] = round(time.perf_counter() - t0, 1)
+    out.update(_memory(compiled))
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and "flops" in cost:
+      out["flops_per_device"] = float(cost["flops"])
+    if "total_bytes" in out:
+      print("XLA per device: arguments {:.2f}, temporaries {:.2f}, outputs {:.2f} (aliased "
+            "{:.2f}) GiB; total {:.2f} GiB; {:.3e} FLOPs; compiled in {}s".format(
+                *(out[k] / GiB for k in ("argument_size_in_bytes", "temp_size_in_bytes",
+                                         "output_size_in_bytes", "alias_size_in_bytes",
+                                         "total_bytes")),
+                out.get("flops_per_device", 0.0), out["compile_seconds"]))
+  if "analytic_bytes" in out:
+    print("\n".join(report(held, transients, out if "argument_size_in_bytes" in out else None)))
+  hbm = int((args.hbm_gib or (spec.hbm_gib if spec else 0)) * GiB)
+  where = (args.topology + (f" x{args.num_slices}" if args.num_slices > 1 else "")
+           if args.topology else f"{mesh.devices.size} {mesh.devices.flat[0].platform} devices")
+  label = f"({name} step, {args.size.upper()}, {where}, {_attention_name(opts, mesh)})"
+  if hbm and "total_bytes" in out:
+    out["hbm_bytes"], out["fits"] = hbm, out["total_bytes"] <= hbm
+    print(f"fits: {'yes' if out['fits'] else 'no'}, {out['total_bytes'] / GiB:.1f} of "
+          f"{hbm / GiB:.1f} GiB per device {label}", flush=True)
+    if not out["fits"]:
+      out["suggestions"] = suggestions(args, mesh, built, out["total_bytes"], hbm)
+      print("\n".join(f"  would fit (estimated; check it): {x}" for x in out["suggestions"]))
+  elif "total_bytes" in out:
+    print(f"total: {out['total_bytes'] / GiB:.1f} GiB per device {label} (no HBM to judge "
+          "against: pass --hbm_gib)", flush=True)
+  return out
+
+
 def main(argv=None) -> dict:
+  """Checks each program of `--step`; returns {program: figures}."""
   args = parse_args(argv)
   if args.fake_devices:
     if "jax" in sys.modules:
@@ -293,15 +541,11 @@ def main(argv=None) -> dict:
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.fake_devices}")
-  import jax
   import jax.numpy as jnp
 
-  from deepintuit_jax import sharding as sharding_lib
   from deepintuit_jax.models import qwen2_5_vl, testing
   from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions
 
-  if args.step not in STEPS:
-    raise ValueError(f"--step {args.step!r} not one of {sorted(STEPS)}")
   cfg = testing.tiny_config() if args.size == "tiny" else qwen2_5_vl.PRESETS[args.size]
   if args.layers:
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=args.layers))
@@ -309,44 +553,10 @@ def main(argv=None) -> dict:
   opts = RuntimeOptions(dtype=dtype, param_dtype=jnp.float32, remat=args.remat,
                         attention_impl=args.attention or None,
                         attention_block=args.attention_block)
-  mesh = sharding_lib.make_mesh(tuple(int(x) for x in args.mesh.split(",")))
-
-  t0 = time.perf_counter()
-  with jax.set_mesh(mesh):  # the model's per-layer FSDP gathers need the mesh in context
-    built = STEPS[args.step](args, cfg, opts, mesh)
-  t_lower = time.perf_counter() - t0
-  out = dict(step=args.step, size=args.size, mesh=dict(mesh.shape), **built.info,
-             lower_seconds=round(t_lower, 1))
-  print(f"{args.step} {args.size}: {out['trainable']:,} trainable + {out['frozen']:,} frozen "
-        f"parameters; mesh {dict(mesh.shape)}; {out['groups']} batch group(s); "
-        f"{out['tokens_per_step']:,} token slots per micro-batch; lowered in {t_lower:.1f}s",
-        flush=True)
-  held, transients = breakdown(args, cfg, opts, mesh, built)
-  out["analytic_bytes"] = {k: int(b) for k, b in {**held, **transients}.items()}
-  mem = None
-  if not args.no_compile:
-    t0 = time.perf_counter()
-    compiled = built.lowered.compile()
-    out["compile_seconds"] = round(time.perf_counter() - t0, 1)
-    m = compiled.memory_analysis()
-    if m is not None:
-      mem = {k: int(getattr(m, k, 0) or 0) for k in (
-          "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-          "alias_size_in_bytes")}
-      out.update(mem)
-      print("XLA per device: arguments {:.2f} GiB, outputs {:.2f} GiB (aliased {:.2f}), "
-            "temporaries {:.2f} GiB".format(*(mem[k] / GiB for k in (
-                "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-                "temp_size_in_bytes"))))
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if cost and "flops" in cost:
-      out["flops_per_device"] = float(cost["flops"])
-      print(f"XLA cost analysis: {cost['flops']:.3e} FLOPs per device per step")
-    print(f"compiled in {out['compile_seconds']}s")
-  print("\n".join(report(held, transients, mem)))
-  return out
+  mesh, spec = _mesh(args)
+  return {name: check(args, cfg, opts, mesh, spec, name) for name in args.steps}
 
 
 if __name__ == "__main__":
-  main()
+  results = main()
+  sys.exit(0 if all(r.get("fits", True) for r in results.values()) else 1)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepintuit_jax import sharding as sharding_lib
 from deepintuit_jax.models.qwen2_5_vl import rope, vision
 from deepintuit_jax.models.qwen2_5_vl.model import check_vision_tokens
 from deepintuit_jax.models.qwen2_5_vl.text import KVCache
@@ -109,7 +110,8 @@ def _prefill(graphdef, state, batch: dict, cache_dtype):
     return one(batch, state)
   if batch["input_ids"].shape[0] == 1:
     return one(jax.tree.map(lambda x: x[0], batch), state)
-  logits, cache = jax.vmap(one, in_axes=(0, None))(batch, state)
+  logits, cache = sharding_lib.vmap_groups(one, (0, None), batch["input_ids"].shape[0])(
+      batch, state)
   # The cache's one scalar (`index`, the same in every group) comes back as [Gr].
   flat = lambda x: x[0] if x.ndim == 1 else x.reshape((-1,) + x.shape[2:])  # noqa: E731
   return flat(logits), jax.tree.map(flat, cache)
@@ -206,7 +208,14 @@ def sample(model: nnx.Module, input_ids, attention_mask, *, rng: jax.Array, max_
       image_layout=image_layout, pixel_values_videos=pixel_values_videos,
       video_layout=video_layout, num_samples=num_samples, cache_dtype=cache_dtype,
       row_ids=row_ids)
-  return _sample_jit(*args, **kwargs)
+  # Inputs placed on a mesh (rollouts): traced with that mesh in context, so the prefill's
+  # group vmap names its data-parallel axes and kernels that must run per device (TPU
+  # splash attention) know the mesh.
+  mesh = getattr(getattr(args[2]["input_ids"], "sharding", None), "mesh", None)
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return _sample_jit(*args, **kwargs)
+  with jax.set_mesh(mesh):
+    return _sample_jit(*args, **kwargs)
 
 
 def _jit_args(model, input_ids, attention_mask, *, rng, max_new_tokens, temperature, top_p,

@@ -125,7 +125,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, head: str, label_ids: Sequence[int]):
   classes of the head's logits. label_accuracy: the argmax over the label tokens (the
   inference prediction) is the true label. Counts are rows: one target each."""
   check_head(head)
-  ids = jnp.asarray(np.asarray(label_ids, np.int32))
+  ids = np.asarray(label_ids, np.int32)  # NumPy: building the step computes nothing eagerly
 
   def group(g, params, frozen, rest):
     model = nnx.merge(graphdef, params, frozen, rest)

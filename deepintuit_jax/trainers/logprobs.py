@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepintuit_jax import sharding as sharding_lib
+
 # Batch keys the model consumes inside jit (everything else in a batch is the loss's).
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values_videos",
               "video_layout", "pixel_values", "image_layout")
@@ -106,8 +108,10 @@ def map_groups(fn: Callable[..., Any], batch: dict, *shared: Any) -> Any:
   """`fn(group, *shared)` over the leading group axis of a grouped batch (`input_ids
   [G, b, T]`), outputs stacked on a new leading axis [G, ...]. G = 1 calls `fn` directly
   (no vmap). Pass parameters as `shared` arguments, not in a closure: a model merged from
-  closed-over tracers inside vmap breaks nnx transforms (remat) in the model."""
-  if jax.tree.leaves(batch)[0].shape[0] == 1:
+  closed-over tracers inside vmap breaks nnx transforms (remat) in the model. Under a mesh
+  whose data-parallel axes split G, the vmap names them (`sharding.vmap_groups`)."""
+  g = jax.tree.leaves(batch)[0].shape[0]
+  if g == 1:
     out = fn(jax.tree.map(lambda x: x[0], batch), *shared)
     return jax.tree.map(lambda x: x[None], out)
-  return jax.vmap(fn, in_axes=(0,) + (None,) * len(shared))(batch, *shared)
+  return sharding_lib.vmap_groups(fn, (0,) + (None,) * len(shared), g)(batch, *shared)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -21,7 +22,7 @@ def _load():
 def test_tiny_step_compiles_on_a_2x2x2_mesh():
   assert jax.device_count() == 8
   out = _load().main(["--size=tiny", "--mesh=2,2,2", "--batch=8", "--frames=4", "--side=56",
-                      "--text=32", "--frozen=^visual\\.", "--loss_chunk=64"])
+                      "--text=32", "--frozen=^visual\\.", "--loss_chunk=64", "--hbm_gib=1"])["sft"]
   assert out["groups"] == 4  # one batch group per data-parallel shard
   assert out["frozen"] > 0 and out["trainable"] > 0
   assert out["patches_per_group"] >= 2 * 4 * 4  # each group holds its own video only
@@ -32,6 +33,9 @@ def test_tiny_step_compiles_on_a_2x2x2_mesh():
   assert params >= 4 * out["trainable"] // 8
   # AdamW holds two fp32 moments per trainable parameter (plus a few scalars).
   assert 2 * params <= est["optimizer state"] < 2 * params + 4096
+  # The verdict: arguments + temporaries + outputs not aliased to (donated) arguments.
+  assert out["fits"] and out["total_bytes"] <= out["hbm_bytes"] == 2 ** 30
+  assert out["total_bytes"] >= out["argument_size_in_bytes"] + out["temp_size_in_bytes"]
 
 
 def test_runs_as_the_readme_writes_it():
@@ -43,3 +47,44 @@ def test_runs_as_the_readme_writes_it():
                      timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "analytic per device" in r.stdout
+
+
+def test_topology_names_map_to_slices():
+  """`v5p-16` is 8 chips (v4 / v5p names count TensorCores), `v5e-16` 16 (chips)."""
+  sys.path.insert(0, ROOT)
+  from launch import tpu_topologies as T
+  got = {n: (T.slice_spec(n).topology, T.slice_spec(n).chips) for n in
+         ("v4-8", "v5p-16", "v5p-64", "v5p-128", "v5e-8", "v5e-16", "v5e-256", "v6e-8")}
+  assert got == {"v4-8": ("v4:2x2x1", 4), "v5p-16": ("v5:2x2x2", 8), "v5p-64": ("v5:2x4x4", 32),
+                 "v5p-128": ("v5:4x4x4", 64), "v5e-8": ("v5e:2x4", 8),
+                 "v5e-16": ("v5e:4x4", 16), "v5e-256": ("v5e:16x16", 256),
+                 "v6e-8": ("v6e:2x4", 8)}
+  assert T.slice_spec("v5p-128").wrap == (True, True, True)
+  assert T.slice_spec("v5e-16").hbm_gib == 15.75
+  for bad in ("v5p-12", "v7-8", "v5p-2"):
+    with pytest.raises(ValueError, match="--topology"):
+      T.slice_spec(bad)
+
+
+def _has_libtpu() -> bool:
+  return importlib.util.find_spec("libtpu") is not None
+
+
+@pytest.mark.skipif(not _has_libtpu(), reason="libtpu is not installed (pip install "
+                    "'jax[tpu]'; it compiles for TPU topologies on a CPU-only machine)")
+def test_tiny_programs_compile_for_a_tpu_topology():
+  """XLA:TPU (libtpu, no TPU needed) compiles the tiny model's SFT step and GRPO rollout for a
+  v5e-8 slice, with splash attention under shard_map (XLA refuses to partition a Mosaic
+  kernel otherwise), in a process of its own (one process may load libtpu at a time; this
+  one must not be forced onto the CPU platform)."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("PYTHONPATH", "XLA_FLAGS", "JAX_PLATFORMS")}
+  r = subprocess.run([sys.executable, "launch/aot_check.py", "--topology=v5e-8", "--size=tiny",
+                      "--step=sft,rollout", "--batch=8", "--frames=4", "--side=56",
+                      "--text=32", "--loss_chunk=64", "--response=8", "--group=2"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+  verdicts = [line for line in r.stdout.splitlines() if line.startswith("fits:")]
+  assert verdicts == [
+      f"fits: yes, 0.0 of 15.8 GiB per device ({step} step, TINY, v5e-8, splash)"
+      for step in ("sft", "rollout")], r.stdout[-3000:]

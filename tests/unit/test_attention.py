@@ -153,6 +153,68 @@ def test_splash_attention_in_interpret_mode():
   np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
+def _mesh(shape):
+  from deepintuit_jax import sharding
+  return sharding.make_mesh(shape)
+
+
+@pytest.mark.parametrize("mesh_shape,h,kh,grouped", [
+    ((2, 2, 2), 4, 2, False),  # rows over data x fsdp, kv heads over tensor
+    ((1, 2, 4), 8, 2, False),  # tensor 4 divides the 8 query heads only: kv heads selected
+    ((2, 4, 1), 4, 2, True),   # inside a group vmap that takes data x fsdp (spmd_axis_name)
+])
+def test_splash_under_shard_map_on_a_mesh(mesh_shape, h, kh, grouped):
+  """Splash on 8 devices (interpret mode) under shard_map, inputs sharded as the model's
+  are (rows over the data axes, heads over tensor), inside jit: forward against the NumPy
+  contract, the gradient against XLA's attention. Without shard_map XLA would have to
+  partition the kernel (on TPU: "Mosaic kernels cannot be automatically partitioned")."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from deepintuit_jax import sharding
+  mesh = _mesh(mesh_shape)
+  b, t = (8, 130) if grouped else (4, 130)
+  q, k, v = _qkv(b, t, t, h, kh, 32, seed=7)
+  seg = np.ones((b, t), np.int32)
+  seg[0, 60:120], seg[0, 120:] = 2, 0
+  seg[-1, :9] = 0
+  real = jnp.asarray(seg != 0)[:, :, None, None]
+
+  def run(fn, q, k, v, seg):
+    if not grouped:
+      return fn(q, k, v, seg)
+    g = lambda *xs: xs[0].reshape((b // 2, 2) + xs[0].shape[1:])  # 4 groups of 2 rows
+    out = sharding.vmap_groups(fn, 0, b // 2)(g(q), g(k), g(v), g(seg))
+    return out.reshape((b,) + out.shape[2:])
+
+  splash = lambda q, k, v, s: A.splash_attention(q, k, v, s, s, causal=True, interpret=True)
+  ref = lambda q, k, v, s: A.reference_attention(q, k, v, s, s, causal=True)
+  loss = lambda f: lambda q, k, v, s: jnp.sum(jnp.where(real, run(f, q, k, v, s), 0) ** 2)
+  rows = P(("data", "fsdp"), None, "tensor", None)
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  args = (put(q, rows), put(k, rows if kh % mesh_shape[2] == 0 else P(("data", "fsdp"))),
+          put(v, P(("data", "fsdp"))), put(jnp.asarray(seg), P(("data", "fsdp"))))
+  with jax.set_mesh(mesh):
+    out = jax.jit(lambda *a: run(splash, *a))(*args)
+    grads = jax.jit(jax.grad(loss(splash), argnums=(0, 1, 2)))(*args)
+    want = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(*args)
+  _check(out, numpy_attention(q, k, v, seg, seg, True), seg)
+  for got, w in zip(grads, want):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(w), rtol=1e-4, atol=1e-4)
+
+
+def test_resolve_impl_follows_the_mesh_platform():
+  """"auto" asks the mesh in context, not the host: on this CPU host a CPU mesh gives
+  blockwise; a TPU platform (as a topology mesh compiled ahead of time has) gives pallas."""
+  from deepintuit_jax import sharding
+  assert sharding.mesh_platform() == "cpu"
+  with jax.set_mesh(_mesh((1, -1, 1))):
+    assert sharding.mesh_platform() == "cpu"
+    assert A.resolve_impl(None, dtype=jnp.bfloat16, head_dim=128, causal_text=True) == "blockwise"
+
+  class FakeTPUMesh:
+    platform = "tpu"
+  assert sharding.mesh_platform(FakeTPUMesh()) == "tpu"
+
+
 def test_resolve_impl():
   r = lambda impl, **kw: A.resolve_impl(impl, **{**dict(dtype=jnp.bfloat16, head_dim=128,
                                                         causal_text=True), **kw})

@@ -12,5 +12,5 @@ def test_tiny_grpo_step_lowers_on_a_2x2x2_mesh():
   assert jax.device_count() == 8
   out = _load().main(["--step=grpo", "--size=tiny", "--mesh=2,2,2", "--batch=8",
                       "--frames=4", "--side=56", "--text=32", "--frozen=", "--loss_chunk=64",
-                      "--no_compile"])
+                      "--no_compile"])["grpo"]
   assert out["groups"] == 4 and out["frozen"] == 0 and out["trainable"] > 0

@@ -25,7 +25,8 @@ Backends (`resolve_impl` maps `RuntimeOptions.attention_impl` and the platform t
   needs one contiguous run of real tokens per row: other masks give NaN outputs (loud: the
   trainer's NaN check stops), and explicit segment ids (packing) fall back to blockwise.
 * "pallas": TPU splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) with
-  segment ids; `interpret=True` runs it on CPU for tests.
+  segment ids, under `jax.shard_map` over the mesh in context (XLA cannot partition a
+  Mosaic kernel); `interpret=True` runs it on CPU for tests.
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from deepintuit_jax import sharding as sharding_lib
 
 IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "pallas")
 # Segment ids of the padding that blockwise / splash add to reach a block multiple: query
@@ -56,7 +60,8 @@ def resolve_impl(impl: str | None, *, dtype: Any, head_dim: int, causal_text: bo
   """The backend to run: "auto" -> cudnn on GPU (bf16/fp16, head_dim % 8 == 0 and <= 128,
   causal text without packing), pallas on TPU, blockwise elsewhere; "xla" = "reference";
   an explicit "cudnn" where cuDNN cannot take the case (packing, vision segments) ->
-  blockwise."""
+  blockwise. The platform is that of the mesh in context (a TPU program compiled on a CPU
+  host gets TPU kernels), else the default backend's."""
   impl = check_impl(impl)
   if impl == "xla":
     return "reference"
@@ -66,7 +71,7 @@ def resolve_impl(impl: str | None, *, dtype: Any, head_dim: int, causal_text: bo
     return "cudnn" if causal_text and not packed else "blockwise"
   if impl != "auto":
     return impl
-  platform = platform or jax.default_backend()
+  platform = platform or sharding_lib.mesh_platform()
   if platform == "gpu" and cudnn_ok:
     return "cudnn"
   if platform == "tpu":
@@ -297,7 +302,8 @@ def cudnn_attention(q, k, v, valid, *, implementation: str = "cudnn") -> jax.Arr
 
 
 # ----------------------------------------------------------------------------- Pallas TPU
-@functools.lru_cache(maxsize=32)
+# Not cached here: the kernel holds its mask tables as arrays of the trace that builds it (a
+# cached one would leak them into the next trace); splash caches the NumPy mask processing.
 def _splash_kernel(t: int, heads: int, causal: bool, block: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -311,10 +317,52 @@ def _splash_kernel(t: int, heads: int, causal: bool, block: int, interpret: bool
 
 def splash_attention(q, k, v, q_segments, kv_segments, *, causal: bool, block: int = 512,
                      interpret: bool = False) -> jax.Array:
-  """TPU splash attention (MQA kernel per key/value head, vmapped over rows and kv heads).
+  """TPU splash attention. A Mosaic kernel cannot be partitioned by XLA, so with a mesh in
+  context (`jax.set_mesh`) it runs under `jax.shard_map`: rows split over the data-parallel
+  axes that an enclosing group vmap has not taken (`sharding.row_axes`), heads over
+  "tensor" (see `_head_specs` for grouped-query heads), each device on its own block.
+  Without a mesh (one device) the kernel is called directly."""
+  mesh = sharding_lib.context_mesh()
+  local = functools.partial(_splash_local, causal=causal, block=block, interpret=interpret)
+  if mesh is None or int(np.prod(list(mesh.shape.values()))) == 1:
+    return local(q, k, v, q_segments, kv_segments)
+  rows = sharding_lib.row_axes(mesh, q.shape[0])
+  rows = rows if len(rows) > 1 else (rows[0] if rows else None)
+  q_heads, kv_heads, select = _head_specs(mesh, q.shape[2], k.shape[2])
+  qspec, kvspec, segspec = P(rows, None, q_heads, None), P(rows, None, kv_heads, None), P(rows)
 
-  T is padded to a multiple of 128 with one extra segment (padding attends padding).
-  """
+  def body(q, k, v, qs, ks):
+    if select:  # each device's query heads meet the key/value heads they read
+      groups = q.shape[2] * mesh.shape["tensor"] // k.shape[2]  # H / K (global)
+      first = jax.lax.axis_index("tensor") * q.shape[2]
+      idx = (first + jnp.arange(q.shape[2])) // groups
+      k, v = jnp.take(k, idx, axis=2), jnp.take(v, idx, axis=2)
+    return local(q, k, v, qs, ks)
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(qspec, kvspec, kvspec, segspec, segspec),
+                       out_specs=qspec, check_vma=False)(q, k, v, q_segments, kv_segments)
+
+
+def _head_specs(mesh, h: int, kh: int) -> tuple[str | None, str | None, bool]:
+  """(query-head axis, key/value-head axis, select): heads over "tensor" when it divides the
+  key/value heads (each device keeps whole groups); when it divides only the query heads
+  (e.g. 16 heads, 2 kv heads, tensor 4), the key/value heads are replicated and each
+  device selects those of its query heads (select=True); otherwise heads are replicated."""
+  tp = mesh.shape.get("tensor", 1)
+  if tp == 1:
+    return None, None, False
+  if kh % tp == 0:
+    return "tensor", "tensor", False
+  if h % tp == 0:
+    return "tensor", None, True
+  return None, None, False
+
+
+def _splash_local(q, k, v, q_segments, kv_segments, *, causal: bool, block: int,
+                  interpret: bool) -> jax.Array:
+  """The kernel on one device's arrays: an MQA kernel per key/value head, vmapped over rows
+  and key/value heads. T is padded to a multiple of 128 with one extra segment (padding
+  attends padding)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   b, t, h, hd = q.shape
   kh = k.shape[2]
