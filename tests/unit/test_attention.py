@@ -201,6 +201,22 @@ def test_splash_under_shard_map_on_a_mesh(mesh_shape, h, kh, grouped):
     np.testing.assert_allclose(np.asarray(got), np.asarray(w), rtol=1e-4, atol=1e-4)
 
 
+def test_pallas_leaves_vision_windows_to_the_exact_path():
+  """64-token windows (the vision tower's) would be padded to splash's 128 block: 4x the
+  work. They run the explicit-mask path (no Pallas call in the program) and still equal
+  the contract; 128-token segments (full-attention vision layers, text) keep splash."""
+  q, k, v = _qkv(3, 64, 64, 4, 4, 32, seed=8)
+  seg = np.ones((3, 64), np.int32)
+  seg[2, 40:] = -1  # a window's empty entries
+  run = lambda q: A.attention(q, k, v, seg, seg, causal=False, impl="pallas", interpret=True)
+  assert "pallas_call" not in str(jax.make_jaxpr(run)(q))
+  _check(run(q), numpy_attention(q, k, v, seg, seg, False), seg)
+  q2, k2, v2 = _qkv(1, 128, 128, 2, 2, 32, seed=9)
+  s2 = np.ones((1, 128), np.int32)
+  assert "pallas_call" in str(jax.make_jaxpr(lambda q: A.attention(
+      q, k2, v2, s2, s2, causal=False, impl="pallas", interpret=True))(q2))
+
+
 def test_resolve_impl_follows_the_mesh_platform():
   """"auto" asks the mesh in context, not the host: on this CPU host a CPU mesh gives
   blockwise; a TPU platform (as a topology mesh compiled ahead of time has) gives pallas."""

@@ -45,6 +45,7 @@ IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "pallas")
 # padding never matches a key, so those rows are empty (output 0).
 _PAD_Q = np.iinfo(np.int32).min
 _PAD_KV = np.iinfo(np.int32).min + 1
+SPLASH_MIN_BLOCK = 128  # splash pads rows to a multiple of this
 
 
 def check_impl(impl: str | None) -> str:
@@ -85,10 +86,15 @@ def attention(q, k, v, q_segments, kv_segments, *, causal: bool, impl: str,
   """Dispatches to a backend (a resolved name, see `resolve_impl`) -> [B, T, H, hd].
 
   valid: [B, T] bool real tokens, needed by "cudnn" (self-attention without a cache only).
-  "blockwise" on a problem that fits one [block, block] tile runs the reference instead
-  (the same memory, a simpler program: vision windows, tiny test models).
+  "blockwise" on a problem that fits one [block, block] tile, and "pallas" on rows shorter
+  than splash's smallest block (the vision windows), run the reference instead (the same
+  memory, no padded work).
   """
   if impl == "blockwise" and q.shape[1] <= block and k.shape[1] <= block:
+    impl = "reference"
+  if impl == "pallas" and q.shape[1] < SPLASH_MIN_BLOCK:
+    # The vision tower's 64-token windows: splash would pad each to its smallest block, 128
+    # (4x the score and value work); the explicit mask on [S, 64, 64] does the exact work.
     impl = "reference"
   if impl == "reference":
     return reference_attention(q, k, v, q_segments, kv_segments, causal=causal,
