@@ -442,27 +442,34 @@ def _attention_name(opts, mesh) -> str:
 
 
 def suggestions(args, mesh, built: Built, total: int, hbm: int) -> list[str]:
-  """What would fit, estimated from this compile's own figures (each to be checked with
-  its own run): the sharded state shrinks with more fsdp devices, activations with fewer
-  rows per device."""
+  """What could fit, estimated from `total` (the analytic held + largest transient where
+  there is one: XLA:TPU's CompileTimeHbmOom figure overstates the temporaries, e.g. 17.8
+  GiB for the 7B SFT step on v5e-8 where the same per-device program compiled for v5p-16
+  takes 8.8): the sharded train state and
+  its gradients shrink with more fsdp devices, activations with fewer rows per device, one
+  layer's gathered weights with tensor parallelism. Each comes with the command that checks
+  it (XLA's figures under pressure are not additive: compile it)."""
   import numpy as np
   out = []
-  held = _bytes_per_device(built.state, built.shardings)
+  held = (_bytes_per_device(built.state, built.shardings)
+          + _bytes_per_device(built.state.params, built.shardings.params))  # + gradients
   n = int(np.prod(list(mesh.shape.values())))
   fsdp = mesh.shape["fsdp"]
   for more in (2, 4, 8, 16):
-    if total - held + held / more <= hbm * 0.95:
-      out.append(f"{more * n} devices (fsdp x{more}): the train state {held / GiB:.1f} -> "
-                 f"{held / more / GiB:.1f} GiB per device")
+    if total - held + held / more <= hbm:
+      chips = (f"--topology={args.topology.split('-')[0]}-{int(args.topology.split('-')[1]) * more}"
+               if args.topology else f"{n * more} devices")
+      out.append(f"{chips} --batch={args.batch * more} (fsdp x{more}: the train state and "
+                 f"gradients {held / GiB:.1f} -> {held / more / GiB:.1f} GiB per device)")
       break
   if built.rows_per_device > 1:
-    out.append(f"--batch={args.batch // 2} --accum={2 * args.accum}: half the activations "
-               "per device, the same global batch")
+    out.append(f"--batch={args.batch // 2} --accum={2 * args.accum} (half the activations per "
+               "device, the same global batch)")
   if args.remat != "full":
-    out.append("--remat=full: keep only each layer's input for the backward")
+    out.append("--remat=full (keep only each layer's input for the backward)")
   if mesh.shape["tensor"] == 1 and fsdp % 2 == 0:
-    out.append(f"--mesh=1,{fsdp // 2},2: tensor parallelism splits each layer's gathered "
-               "weights, their gradients and the MLP activations")
+    out.append(f"--mesh=1,{fsdp // 2},2 --batch={max(args.batch // 2, 1)} (tensor parallelism "
+               "splits each layer's gathered weights, their gradients and the MLP activations)")
   if not out:
     out.append("a chip with more HBM, or fewer trainable parameters (--frozen)")
   return out
@@ -524,8 +531,10 @@ def check(args, cfg, opts, mesh, spec, name: str) -> dict:
     print(f"fits: {'yes' if out['fits'] else 'no'}, {out['total_bytes'] / GiB:.1f} of "
           f"{hbm / GiB:.1f} GiB per device {label}", flush=True)
     if not out["fits"]:
-      out["suggestions"] = suggestions(args, mesh, built, out["total_bytes"], hbm)
-      print("\n".join(f"  would fit (estimated; check it): {x}" for x in out["suggestions"]))
+      est = (sum(held.values()) + max(transients.values()) if "analytic_bytes" in out
+             else out["total_bytes"])
+      out["suggestions"] = suggestions(args, mesh, built, est, hbm)
+      print("\n".join(f"  might fit (estimated; rerun with): {x}" for x in out["suggestions"]))
   elif "total_bytes" in out:
     print(f"total: {out['total_bytes'] / GiB:.1f} GiB per device {label} (no HBM to judge "
           "against: pass --hbm_gib)", flush=True)

@@ -88,3 +88,17 @@ def test_tiny_programs_compile_for_a_tpu_topology():
   assert verdicts == [
       f"fits: yes, 0.0 of 15.8 GiB per device ({step} step, TINY, v5e-8, splash)"
       for step in ("sft", "rollout")], r.stdout[-3000:]
+
+
+def test_verdict_and_exit_code_agree_when_it_does_not_fit():
+  """A step judged against too little memory: `fits: no, ...`, what might fit, exit code 1."""
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+  r = subprocess.run([sys.executable, "launch/aot_check.py", "--size=tiny", "--mesh=1,2,1",
+                      "--batch=4", "--frames=2", "--side=56", "--text=16", "--fake_devices=2",
+                      "--remat=none", "--hbm_gib=0.001"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1, (r.stdout + r.stderr)[-2000:]
+  verdict = [line for line in r.stdout.splitlines() if line.startswith("fits:")]
+  assert len(verdict) == 1 and verdict[0].startswith("fits: no, ") and verdict[0].endswith(
+      "of 0.0 GiB per device (sft step, TINY, 2 cpu devices, blockwise)"), r.stdout[-2000:]
+  assert "--remat=full" in r.stdout and "--batch=2 --accum=2" in r.stdout
