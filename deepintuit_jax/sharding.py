@@ -9,6 +9,7 @@ versions.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 from typing import Any, Callable, Iterable, Sequence
@@ -159,6 +160,19 @@ def mesh_platform(mesh=None) -> str:
     platform = platform or getattr(mesh, "platform", None)
   platform = (platform or jax.default_backend()).lower()
   return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def mesh_context(*trees):
+  """A context that sets the mesh the arrays of `trees` are placed on (the first leaf with a
+  NamedSharding over several devices), for a jitted call traced inside it: kernels that must
+  run per device (splash attention under shard_map) and group vmaps need the mesh in context.
+  No such leaf (one device, host arrays): a no-op. Tracing-time only: costs nothing per call
+  once compiled."""
+  for leaf in jax.tree.leaves(trees):
+    sh = getattr(leaf, "sharding", None)
+    if isinstance(sh, NamedSharding) and sh.mesh.size > 1:
+      return jax.set_mesh(sh.mesh)
+  return contextlib.nullcontext()
 
 
 # Mesh axes that enclosing `vmap_groups` calls map their group axis onto (spmd_axis_name),

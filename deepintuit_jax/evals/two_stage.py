@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepintuit_jax import sharding as sharding_lib
 from deepintuit_jax.data import annotations, calibration, chat, pipeline, prompts, traces
 from deepintuit_jax.evals import generation, metrics as metrics_lib
 from deepintuit_jax.trainers import calibrate
@@ -193,7 +194,8 @@ class Calibrator:
       dev = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids",
                                    "pixel_values_videos", "video_layout")
              if batch.get(k) is not None}
-      probs = np.asarray(_scores_jit(graphdef, state, dev, self.label_ids, head=self.head))
+      with sharding_lib.mesh_context(state):  # a sharded model: splash runs per device
+        probs = np.asarray(_scores_jit(graphdef, state, dev, self.label_ids, head=self.head))
       probs = probs[:, self.columns]
       for row, item in enumerate(batch["item_id"]):
         if item:

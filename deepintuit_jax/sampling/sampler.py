@@ -208,13 +208,10 @@ def sample(model: nnx.Module, input_ids, attention_mask, *, rng: jax.Array, max_
       image_layout=image_layout, pixel_values_videos=pixel_values_videos,
       video_layout=video_layout, num_samples=num_samples, cache_dtype=cache_dtype,
       row_ids=row_ids)
-  # Inputs placed on a mesh (rollouts): traced with that mesh in context, so the prefill's
-  # group vmap names its data-parallel axes and kernels that must run per device (TPU
-  # splash attention) know the mesh.
-  mesh = getattr(getattr(args[2]["input_ids"], "sharding", None), "mesh", None)
-  if mesh is None or mesh.empty or mesh.size == 1:
-    return _sample_jit(*args, **kwargs)
-  with jax.set_mesh(mesh):
+  # Inputs or parameters on a mesh (rollouts): traced with that mesh in context, so the
+  # prefill's group vmap names its data-parallel axes and kernels that must run per device
+  # (TPU splash attention) know the mesh.
+  with sharding_lib.mesh_context(args[2], args[1]):
     return _sample_jit(*args, **kwargs)
 
 

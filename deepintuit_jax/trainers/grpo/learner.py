@@ -174,7 +174,8 @@ class LogprobPass:
     return self._traces
 
   def __call__(self, params, frozen, rest, mb) -> jax.Array:
-    return self.jitted(params, frozen, rest, mb)
+    with sharding_lib.mesh_context(mb, params):  # as the update step is traced
+      return self.jitted(params, frozen, rest, mb)
 
 
 def _ungroup(x: np.ndarray) -> np.ndarray:
