@@ -68,6 +68,9 @@ def parse_args(argv=None):
                       "for CPU devices unless given)")
   p.add_argument("--fake_devices", type=int, default=0, help="N host CPU devices (0 = real ones)")
   p.add_argument("--no_compile", action="store_true", help="lower only")
+  p.add_argument("--buffers", type=int, default=0,
+                 help="print the N largest buffers of XLA's buffer assignment (where the "
+                      "temporaries go; dumps the compiled HLO to a temporary directory)")
   args = p.parse_args(argv)
   args.steps = list(STEPS) if args.step == "all" else [x for x in args.step.split(",") if x]
   bad = [x for x in args.steps if x not in STEPS]
@@ -433,6 +436,31 @@ def _oom_figures(err: Exception) -> dict[str, int] | None:
               hbm_bytes=int(float(m.group(3)) * unit(m.group(4))))
 
 
+_SIZE = re.compile(r"^\s*\S+\(\s*\d+%\);\s*([\d.]+)([KMGT]?i?B);\s*\d+;\s*(\d+);\s*(.*)$")
+
+
+def largest_buffers(dump_dir: str, n: int) -> list[str]:
+  """The n largest allocations of the device's memory space in XLA's memory-usage report
+  of the last compiled program (`--xla_dump_to`): size, values sharing it, shapes."""
+  import glob
+  reports = sorted(glob.glob(os.path.join(dump_dir, "*memory-usage-report.txt")),
+                   key=os.path.getmtime)
+  if not reports:
+    return ["(no memory-usage report: this XLA backend does not write one)"]
+  rows = []
+  with open(reports[-1]) as f:
+    for line in f:
+      if line.startswith("Memory Space:") and "default" not in line:
+        break
+      m = _SIZE.match(line)
+      if m:
+        unit = 1024 ** "BKMGT".index(m.group(2)[0]) if m.group(2) != "B" else 1
+        rows.append((float(m.group(1)) * unit, int(m.group(3)), m.group(4)))
+  rows.sort(key=lambda r: -r[0])
+  return [f"  {size / 2 ** 20:9.1f} MiB  {shapes[:140]}" + (" (shared by %d values)" % k if k > 1
+                                                      else "") for size, k, shapes in rows[:n]]
+
+
 def _attention_name(opts, mesh) -> str:
   from deepintuit_jax import sharding as sharding_lib
   from deepintuit_jax.models.qwen2_5_vl import attention
@@ -522,6 +550,9 @@ def check(args, cfg, opts, mesh, spec, name: str) -> dict:
                 out.get("flops_per_device", 0.0), out["compile_seconds"]))
   if "analytic_bytes" in out:
     print("\n".join(report(held, transients, out if "argument_size_in_bytes" in out else None)))
+  if args.buffers:
+    print(f"largest buffers (XLA's buffer assignment, per device):")
+    print("\n".join(largest_buffers(args.dump_dir, args.buffers)))
   hbm = int((args.hbm_gib or (spec.hbm_gib if spec else 0)) * GiB)
   where = (args.topology + (f" x{args.num_slices}" if args.num_slices > 1 else "")
            if args.topology else f"{mesh.devices.size} {mesh.devices.flat[0].platform} devices")
@@ -544,6 +575,13 @@ def check(args, cfg, opts, mesh, spec, name: str) -> dict:
 def main(argv=None) -> dict:
   """Checks each program of `--step`; returns {program: figures}."""
   args = parse_args(argv)
+  if args.buffers:
+    if "jax" in sys.modules:
+      raise RuntimeError("--buffers must be set before jax is imported")
+    import tempfile
+    args.dump_dir = tempfile.mkdtemp(prefix="aot_check_hlo_")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_dump_to={args.dump_dir} --xla_dump_hlo_module_re=.*(step|sample).*")
   if args.fake_devices:
     if "jax" in sys.modules:
       raise RuntimeError("--fake_devices must be set before jax is imported")

@@ -88,6 +88,14 @@ def test_tiny_programs_compile_for_a_tpu_topology():
   assert verdicts == [
       f"fits: yes, 0.0 of 15.8 GiB per device ({step} step, TINY, v5e-8, splash)"
       for step in ("sft", "rollout")], r.stdout[-3000:]
+  # Two v5e-4 slices: the data axis spans them (DCN), fsdp stays inside each slice.
+  r = subprocess.run([sys.executable, "launch/aot_check.py", "--topology=v5e-4",
+                      "--num_slices=2", "--size=tiny", "--step=sft", "--batch=8", "--frames=4",
+                      "--side=56", "--text=32", "--loss_chunk=64"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+  assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in r.stdout
+  assert "(sft step, TINY, v5e-4 x2, splash)" in r.stdout
 
 
 def test_verdict_and_exit_code_agree_when_it_does_not_fit():

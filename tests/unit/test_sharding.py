@@ -165,3 +165,24 @@ def test_batch_shardings_follow_the_row_axis_table():
   sh = sharding.batch_shardings(grouped, mesh)  # whole groups: no table needed
   assert sh["advantages"].spec == P(dp, None)
   assert sh["pixel_values_videos"].spec == P(dp, None, None)
+
+
+def test_vmap_groups_names_the_data_axes_and_tells_the_rows_inside():
+  """Under a mesh, a vmap over G groups that the data axes divide maps G onto them
+  (spmd_axis_name); inside, rows are not split over those axes again (row_axes)."""
+  mesh = sharding.make_mesh((2, 4, 1))
+  seen = []
+
+  def per_group(x):
+    seen.append(sharding.row_axes(sharding.context_mesh(), x.shape[0]))
+    return x * 2
+
+  x = jnp.arange(8 * 8 * 2, dtype=jnp.float32).reshape(8, 8, 2)  # [G, rows, 2]
+  with jax.set_mesh(mesh):
+    assert sharding.row_axes(sharding.context_mesh(), 8) == ("data", "fsdp")
+    assert sharding.row_axes(sharding.context_mesh(), 6) == ()  # 8 does not divide 6 rows
+    out = jax.jit(lambda x: sharding.vmap_groups(per_group, 0, 8)(x))(x)
+    jax.jit(lambda x: sharding.vmap_groups(per_group, 0, 3)(x[:3]))(x)  # 3 groups: no spmd
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(x) * 2)
+  assert seen == [(), ("data", "fsdp")]
+  assert sharding.context_mesh() is None
