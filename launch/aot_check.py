@@ -260,6 +260,25 @@ def breakdown(args, cfg, opts, mesh, built: Built) -> dict[str, float]:
   return out, transients
 
 
+def memory_figures(compiled) -> dict[str, int] | None:
+  """XLA's per-device bytes of a compiled program (`memory_analysis()`): arguments, outputs,
+  temporaries, aliased (outputs written into donated arguments); None where the backend
+  gives none."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return {k: int(getattr(m, k, 0) or 0) for k in (
+      "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+      "alias_size_in_bytes")}
+
+
+def peak_estimate(mem: dict[str, int]) -> int:
+  """Bytes live at once while the program runs: arguments + temporaries + outputs, less
+  the outputs that reuse donated argument buffers (what a device allocator should peak at)."""
+  return (mem["argument_size_in_bytes"] + mem["temp_size_in_bytes"]
+          + mem["output_size_in_bytes"] - mem["alias_size_in_bytes"])
+
+
 def report(out, transients, mem) -> list[str]:
   held = sum(out.values())
   name, peak = max(transients.items(), key=lambda kv: kv[1])
@@ -328,11 +347,8 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     compiled = built.lowered.compile()
     out["compile_seconds"] = round(time.perf_counter() - t0, 1)
-    m = compiled.memory_analysis()
-    if m is not None:
-      mem = {k: int(getattr(m, k, 0) or 0) for k in (
-          "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-          "alias_size_in_bytes")}
+    mem = memory_figures(compiled)
+    if mem is not None:
       out.update(mem)
       print("XLA per device: arguments {:.2f} GiB, outputs {:.2f} GiB (aliased {:.2f}), "
             "temporaries {:.2f} GiB".format(*(mem[k] / GiB for k in (
