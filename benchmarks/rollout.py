@@ -57,6 +57,26 @@ def cache_bytes(layers: int, kv_heads: int, head_dim: int, itemsize: int, b: int
   return b * g * (p + n) * per_slot, (b * p + b * g * n) * per_slot
 
 
+def decode_step_bytes(model, b: int, g: int, p: int, n: int) -> int:
+  """The least HBM bytes one decode step of `model` reads (the roofline's denominator):
+  every decoder weight once (the embedding table only when tied, where it is the lm head;
+  the vision tower not at all) plus the mean live KV cache of the shared-prompt layout over
+  N new tokens (B*P + B*G*N/2 slots)."""
+  from deepintuit_jax.models.qwen2_5_vl import hf_io
+  t = model.config.text
+  weights = 0
+  for path, var in hf_io.param_items(model):
+    name = ".".join(map(str, path))
+    if name.startswith("visual.") or (name.startswith("model.embed_tokens.")
+                                      and not t.tie_word_embeddings):
+      continue
+    x = var.get_value()
+    weights += int(x.size) * np.dtype(x.dtype).itemsize
+  _, kv = cache_bytes(t.num_hidden_layers, t.num_key_value_heads, t.head_dim,
+                      np.dtype(model.opts.dtype).itemsize, b, g, p, n // 2)
+  return weights + kv
+
+
 def gib(x: float) -> str:
   return f"{x / 2**30:.2f} GiB" if x >= 2**28 else f"{x / 2**20:.2f} MiB"
 
@@ -81,14 +101,33 @@ def best_time(fn, repeats: int) -> tuple[float, float]:
   return wall, cpu
 
 
+def measure(side, ids: np.ndarray, g: int, new: int, repeats: int) -> tuple:
+  """Greedy decode of `ids` [B, P] with G = `g` samples each by `side` (Ours / Theirs):
+  (tokens [B*G, new], tok/s of the whole call, decode tok/s = B*G*(new-1) / (t(new) - t(1)),
+  the same over process CPU time); best of `repeats` calls after a warm-up of each length."""
+  rows = ids.shape[0] * g
+  tokens = side.warm(ids, g, new)
+  side.warm(ids, g, 1)
+  full, full_cpu = best_time(lambda: side.run(ids, g, new), repeats)
+  one, one_cpu = best_time(lambda: side.run(ids, g, 1), repeats)
+  return (tokens, rows * new / full, rows * (new - 1) / max(full - one, 1e-9),
+          rows * (new - 1) / max(full_cpu - one_cpu, 1e-9))
+
+
 class Ours:
-  def __init__(self, path: str, dtype: str):
+  """Our sampler on `model` (a Qwen2_5_VL); `Ours.load(path, dtype)` reads an HF directory."""
+
+  def __init__(self, model):
     import jax
+    self.jax = jax
+    self.model = model
+    self.compile_s = {}
+
+  @classmethod
+  def load(cls, path: str, dtype: str) -> "Ours":
     import jax.numpy as jnp
     from deepintuit_jax.models.qwen2_5_vl.hf_load import from_pretrained
-    self.jax = jax
-    self.model = from_pretrained(path, dtype=getattr(jnp, dtype))
-    self.compile_s = {}
+    return cls(from_pretrained(path, dtype=getattr(jnp, dtype)))
 
   def run(self, ids: np.ndarray, g: int, new: int) -> np.ndarray:
     from deepintuit_jax.sampling import sampler
@@ -159,7 +198,7 @@ def main():
   import torch
   tmp = tempfile.TemporaryDirectory()
   path = args.checkpoint or write_checkpoint(tmp.name, args.size)
-  ours = Ours(path, args.dtype)
+  ours = Ours.load(path, args.dtype)
   theirs = None if args.no_hf else Theirs(path, args.dtype)
   t = ours.model.config.text
   print(f"model: {path if args.checkpoint else 'random ' + args.size}: width {t.hidden_size}, "
@@ -184,13 +223,7 @@ def main():
       for name, side in (("ours", ours), ("hf", theirs)):
         if side is None:
           continue
-        tokens = side.warm(ids, g, args.new)
-        side.warm(ids, g, 1)
-        (full, full_cpu) = best_time(lambda: side.run(ids, g, args.new), args.repeats)
-        (one, one_cpu) = best_time(lambda: side.run(ids, g, 1), args.repeats)
-        res[name] = (tokens, rows * args.new / full,
-                     rows * (args.new - 1) / max(full - one, 1e-9),
-                     rows * (args.new - 1) / max(full_cpu - one_cpu, 1e-9))
+        res[name] = measure(side, ids, g, args.new, args.repeats)
       if theirs is None:
         hf = f"{'-':>9s} {'-':>9s} | {'-':>6s} {'-':>7s} | {'-':>9s} {'-':>8s}"
       else:

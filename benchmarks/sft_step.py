@@ -117,8 +117,13 @@ def peak_flops(dtype: str, override: float) -> tuple[float, str]:
   return 5 * 2 * n ** 3 / (time.perf_counter() - t0), f"measured {n}^3 {dtype} matmul on {name or dev.platform}"
 
 
-def bench_jax(cfg, b, args) -> tuple[float, object]:
-  import jax
+def build_jax(cfg, b: dict, *, dtype: str, remat: str, loss_chunk: int = 0,
+              attention_impl: str | None = None):
+  """Our SFT step on a random model: (step, train state, host batch dict, vision layout).
+
+  b: `make_batch`'s arrays; the batch is un-grouped ([B, T]); fp32 master weights and
+  AdamW state, `dtype` compute; attention_impl None = auto (cuDNN on GPU for bf16 text).
+  """
   import jax.numpy as jnp
   from flax import nnx
   from deepintuit_jax.models.qwen2_5_vl import vision
@@ -126,9 +131,9 @@ def bench_jax(cfg, b, args) -> tuple[float, object]:
   from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
   from deepintuit_jax.trainers import optim, sft
   from deepintuit_jax.trainers import state as train_state
-  dt = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
-  model = Qwen2_5_VL(cfg, RuntimeOptions(dtype=dt, param_dtype=jnp.float32, remat=args.remat),
-                     rngs=nnx.Rngs(0))
+  dt = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[dtype]
+  model = Qwen2_5_VL(cfg, RuntimeOptions(dtype=dt, param_dtype=jnp.float32, remat=remat,
+                                         attention_impl=attention_impl), rngs=nnx.Rngs(0))
   ocfg = optim.OptimConfig(learning_rate=1e-5, warmup_ratio=0.0)
   tx = optim.make_optimizer(ocfg, 1000)
   graphdef, state = train_state.init_state(model, tx, (), 0)
@@ -137,16 +142,29 @@ def bench_jax(cfg, b, args) -> tuple[float, object]:
   batch = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                loss_mask=b["loss_mask"], position_ids=b["position_ids"],
                pixel_values_videos=b["pixels"], video_layout=layout)
-  step = sft.make_train_step(graphdef, tx, optim.schedule(ocfg, 1000),
-                             loss_chunk=args.loss_chunk)
-  for _ in range(args.warmup):
-    state, m = step(state, (batch,))
-  jax.block_until_ready(m)
+  step = sft.make_train_step(graphdef, tx, optim.schedule(ocfg, 1000), loss_chunk=loss_chunk)
+  return step, state, batch, layout
+
+
+def time_steps(step, state, micro: tuple, warmup: int, steps: int):
+  """Mean seconds of `steps` calls `state, metrics = step(state, micro)` after `warmup`
+  calls (compilation excluded when warmup >= 1); returns (seconds, state, metrics)."""
+  import jax
+  for _ in range(warmup):
+    state, m = step(state, micro)
+  jax.block_until_ready(state)
   t0 = time.perf_counter()
-  for _ in range(args.steps):
-    state, m = step(state, (batch,))
+  for _ in range(steps):
+    state, m = step(state, micro)
   jax.block_until_ready(m)
-  return (time.perf_counter() - t0) / args.steps, layout
+  return (time.perf_counter() - t0) / steps, state, m
+
+
+def bench_jax(cfg, b, args) -> tuple[float, object]:
+  step, state, batch, layout = build_jax(cfg, b, dtype=args.dtype, remat=args.remat,
+                                         loss_chunk=args.loss_chunk)
+  seconds, _, _ = time_steps(step, state, (batch,), args.warmup, args.steps)
+  return seconds, layout
 
 
 def bench_torch(cfg, b, args) -> float:

@@ -361,6 +361,25 @@ def breakdown(args, cfg, opts, mesh, built: Built) -> dict[str, float]:
   return out, transients
 
 
+def memory_figures(compiled) -> dict[str, int] | None:
+  """XLA's per-device bytes of a compiled program (`memory_analysis()`): arguments, outputs,
+  temporaries, aliased (outputs written into donated arguments); None where the backend
+  gives none."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return {k: int(getattr(m, k, 0) or 0) for k in (
+      "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+      "alias_size_in_bytes")}
+
+
+def peak_estimate(mem: dict[str, int]) -> int:
+  """Bytes live at once while the program runs: arguments + temporaries + outputs, less
+  the outputs that reuse donated argument buffers (what a device allocator should peak at)."""
+  return (mem["argument_size_in_bytes"] + mem["temp_size_in_bytes"]
+          + mem["output_size_in_bytes"] - mem["alias_size_in_bytes"])
+
+
 def report(out, transients, mem) -> list[str]:
   held = sum(out.values())
   name, peak = max(transients.items(), key=lambda kv: kv[1])
@@ -407,18 +426,6 @@ def _mesh(args):
   elif args.num_slices != 1:
     raise SystemExit("error: --num_slices needs --topology")
   return sharding_lib.make_mesh(shape, devices=devices or jax.devices()), spec
-
-
-def _memory(compiled) -> dict[str, int]:
-  m = compiled.memory_analysis()
-  keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-          "alias_size_in_bytes", "generated_code_size_in_bytes")
-  mem = {k: int(getattr(m, k, 0) or 0) for k in keys} if m is not None else {}
-  if mem:  # donated state: outputs that alias arguments take no second buffer
-    mem["total_bytes"] = (mem["argument_size_in_bytes"] + mem["temp_size_in_bytes"]
-                          + mem["output_size_in_bytes"] - mem["alias_size_in_bytes"]
-                          + mem["generated_code_size_in_bytes"])
-  return mem
 
 
 _OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\).*available HBM \(([\d.]+)([KMGT]?)\)",
@@ -536,7 +543,10 @@ def check(args, cfg, opts, mesh, spec, name: str) -> dict:
           f"{oom['temp_size_in_bytes'] / GiB:.2f} GiB > {oom['hbm_bytes'] / GiB:.2f} GiB HBM")
   else:
     out["compile_seconds"] = round(time.perf_counter() - t0, 1)
-    out.update(_memory(compiled))
+    mem = memory_figures(compiled)
+    if mem:  # + the program's code, which the chip holds too
+      out.update(mem, total_bytes=peak_estimate(mem) + int(getattr(
+          compiled.memory_analysis(), "generated_code_size_in_bytes", 0) or 0))
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and "flops" in cost:

@@ -56,16 +56,9 @@ def test_published_sizes_have_transformers_param_counts(size, count):
 def _reference(cfg: Qwen2_5_VLConfig, seed: int = 0):
   """(torch, HF model with randomised norms and biases, our model with the same weights)."""
   torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("transformers")
   from deepintuit_jax.models.qwen2_5_vl.hf_io import assign_hf_tensors
-  d = cfg.to_hf_dict()
-  d["vision_config"]["tokens_per_second"] = int(d["vision_config"]["tokens_per_second"])
-  hc = transformers.Qwen2_5_VLConfig(**d)
-  hc._attn_implementation = "eager"
-  hc.vision_config._attn_implementation = "eager"
-  torch.manual_seed(seed)
-  ref = transformers.Qwen2_5_VLForConditionalGeneration(hc).eval()
-  testing.randomize_norms_and_biases(ref)
+  ref = testing.hf_reference(cfg, seed=seed)
   tensors = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
   ours = Qwen2_5_VL(cfg, rngs=nnx.Rngs(0))
   assign_hf_tensors(ours, tensors)
