@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepintuit_jax import sharding as sharding_lib
+
 # HF's `initializer_range` for Qwen2.5-VL; only matters for models built from scratch.
 INIT_STD = 0.02
 
@@ -62,7 +64,8 @@ class Embed(nnx.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Tied output projection: x [..., D] -> logits [..., V] float32 (fp32 accumulation)."""
-    return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype),
+    w = sharding_lib.gathered(self.embedding[...], ("vocab", "embed"), self.dtype)
+    return jnp.einsum("...d,vd->...v", x.astype(self.dtype), w,
                       preferred_element_type=jnp.float32)
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepintuit_jax import sharding as sharding_lib
 from deepintuit_jax.models.qwen2_5_vl import rope as rope_lib
 from deepintuit_jax.models.qwen2_5_vl import vision as vision_lib
 from deepintuit_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, RuntimeOptions
@@ -104,8 +105,8 @@ class Qwen2_5_VL(nnx.Module):
     if self.lm_head is None:
       return self.model.embed_tokens.attend(hidden)
     dt = self.opts.dtype
-    return jnp.einsum("...d,dv->...v", hidden.astype(dt), self.lm_head.kernel[...].astype(dt),
-                      preferred_element_type=jnp.float32)
+    w = sharding_lib.gathered(self.lm_head.kernel[...], ("embed", "vocab"), dt)
+    return jnp.einsum("...d,dv->...v", hidden.astype(dt), w, preferred_element_type=jnp.float32)
 
   def _vision_features(self, kind: str, pixels, grid, layout, ids_host, token_id: int):
     """Runs the tower on one modality and checks the token count when it can."""

@@ -275,15 +275,10 @@ class DecoderLayer(nnx.Module):
     return x, kv
 
 
-_GATHER_RULES = tuple((name, None if axes == "fsdp" else tuple(a for a in axes if a != "fsdp")
-                        if isinstance(axes, tuple) else axes)
-                       for name, axes in sharding_lib.DEFAULT_RULES)
-
-
 def _gather_fsdp(state, mesh):
   """Each parameter of one layer constrained to its sharding minus the `fsdp` axis."""
   def one(v):
-    spec = sharding_lib.logical_to_spec(sharding_lib.variable_axes(v), _GATHER_RULES, mesh,
+    spec = sharding_lib.logical_to_spec(sharding_lib.variable_axes(v), sharding_lib.GATHER_RULES, mesh,
                                         v.shape)
     return v.replace(jax.lax.with_sharding_constraint(v.get_value(), spec))
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
