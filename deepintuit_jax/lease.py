@@ -11,10 +11,10 @@ restarted with the same pid).
 Why a lease and not `fcntl.flock`: the workdir may be a `gs://` bucket, which has no locks;
 a heartbeat that expires works on both. Creation is atomic on a local disk (the holder is
 written to a temporary file that `os.link` puts in place, failing if a lease exists, so a
-reader never sees a half-written one). On a bucket it is best effort: the object is written,
+reader never sees a half-written one; `O_CREAT | O_EXCL` where hard links are missing). On a bucket it is best effort: the object is written,
 then read back after `settle` seconds, and the run keeps it only if it still holds its own
 token (two runs starting within the same second may both see their own write; the later
-upload wins and the other refuses at its next heartbeat check, printing a warning). Clocks
+upload wins, and the other finds out at its next heartbeat and prints a warning). Clocks
 of different hosts are compared through the heartbeat, so they must agree to well within
 `timeout`.
 
@@ -61,12 +61,17 @@ def _read(path: str) -> dict | None:
 
 
 def _ago(seconds: float) -> str:
+  if seconds == float("inf"):
+    return "unknown"
   return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
 
 
 def describe(holder: dict) -> str:
   """"host h, pid 12, since 2025-01-31 12:00:00, heartbeat 3 s ago"."""
-  beat = time.time() - float(holder.get("heartbeat", 0))
+  try:
+    beat = time.time() - float(holder.get("heartbeat", 0))
+  except (TypeError, ValueError):
+    beat = float("inf")
   return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, since "
           f"{holder.get('started', '?')}, heartbeat {_ago(beat)}")
 
@@ -93,13 +98,14 @@ class Lease:
 
   def stale_reason(self, holder: dict) -> str | None:
     """Why `holder` is no longer alive, or None when it may be."""
-    if not holder:
+    try:
+      age = time.time() - float(holder["heartbeat"])
+      pid = int(holder["pid"])
+    except (KeyError, TypeError, ValueError):
       return "the lease file is unreadable"
-    age = time.time() - float(holder.get("heartbeat", 0))
     if age > self.timeout:
       return f"no heartbeat for {age:.0f} s (> {self.timeout:.0f} s)"
     if holder.get("host") == socket.gethostname():
-      pid = int(holder.get("pid", -1))
       if pid == os.getpid() and holder.get("token") not in _HELD:
         return f"pid {pid} is this process, which does not hold it (a restarted container)"
       if not _pid_running(pid):
@@ -108,14 +114,22 @@ class Lease:
 
   # Creation: atomic locally (link), best effort on a bucket (write, settle, read back).
   def _create_local(self) -> bool:
-    tmp = f"{self.path}.{self.token}"
+    tmp, text = f"{self.path}.{self.token}", json.dumps(self._holder())
     with open(tmp, "w") as f:
-      json.dump(self._holder(), f)
+      f.write(text)
     try:
       os.link(tmp, self.path)
       return True
     except FileExistsError:
       return False
+    except OSError:  # no hard links here (some FUSE mounts): O_EXCL, then the content
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        return False
+      with os.fdopen(fd, "w") as f:
+        f.write(text)
+      return True
     finally:
       os.remove(tmp)
 

@@ -142,3 +142,18 @@ def test_bucket_path_write_then_read_back(tmp_path, monkeypatch):
   monkeypatch.setattr(paths, "write_text", racing_write)
   with pytest.raises(WorkdirBusy, match="host elsewhere"):
     lease_lib.Lease(w, settle=0.0).acquire()
+
+
+def test_without_hard_links_o_excl_still_refuses_a_second_run(tmp_path, monkeypatch):
+  def no_link(src, dst):
+    raise PermissionError(1, "Operation not permitted")
+  monkeypatch.setattr(os, "link", no_link)
+  w = str(tmp_path / "run")
+  with lease_lib.Lease(w) as held:
+    assert json.load(open(os.path.join(w, lease_lib.LEASE)))["token"] == held.token
+    with pytest.raises(WorkdirBusy):
+      lease_lib.Lease(w).acquire()
+    assert os.listdir(w) == [lease_lib.LEASE]
+  _write_holder(w, pid="not a pid")  # a malformed holder is unreadable: replaced
+  with lease_lib.Lease(w) as taken:
+    assert "the lease file is unreadable" in taken.note
