@@ -8,9 +8,22 @@ Layout of one step directory (`<workdir>/checkpoints/<step>/`), one Orbax item e
   data     the data iterator state (JSON)
 Saves are asynchronous. Orbax writes into a temporary directory and renames it when the
 save is complete, so an interrupted save is never listed and never restored.
+
+What storage does wrong (see docs/reliability.md):
+* A save that fails (a full disk, a failing write) raises `CheckpointError` naming the
+  directory, the step and the error, at the next `save` or `wait`; the previous checkpoints
+  stay (Orbax deletes old ones only after a save is complete), so a rerun resumes there.
+* A complete-looking step that cannot be read (a truncated or missing file, an empty
+  metadata file: a disk that filled after the rename, a half-copied bucket) is skipped by
+  `restore`, which falls back to the newest intact step and says which step it skipped and
+  why. The skipped step is moved aside to `<step>.unreadable` (kept for inspection, out of
+  Orbax's step listing, so neither resumed nor counted by `keep` nor overwritten), but only
+  once an older step has restored: a restore that fails at every step (a code or layout
+  problem, not the files) moves nothing and stops with one line.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -21,7 +34,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from deepintuit_jax import paths
+from deepintuit_jax.errors import CheckpointError
 from deepintuit_jax.trainers.state import TrainState
+
+UNREADABLE = ".unreadable"  # suffix of a step directory moved aside by `restore`
 
 
 def _abstract(tree: Any, shardings: Any | None = None) -> Any:
@@ -33,6 +49,11 @@ def _abstract(tree: Any, shardings: Any | None = None) -> Any:
                       is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, full)
+
+
+def _param_shardings(shardings: TrainState | None) -> dict | None:
+  return (None if shardings is None
+          else nnx.to_pure_dict(nnx.merge_state(shardings.params, shardings.frozen)))
 
 
 def merged_params(state: TrainState) -> dict:
@@ -51,6 +72,8 @@ class Checkpointer:
   """
   model_source: str | None = None
   _source_recorded = False
+  _pending: int | None = None  # the step of the save in flight
+  _failed = False              # a failed save was reported (Orbax re-raises it at close)
 
   def __init__(self, directory: str, *, every_steps: int, keep: int = 2,
                async_save: bool = True):
@@ -92,23 +115,68 @@ class Checkpointer:
       if not paths.as_path(record).exists():  # one look per run, not per save (gs://)
         write_json(record, {"source": self.model_source})
       self._source_recorded = True
-    return bool(self._mgr.save(step, args=args, force=True))
+    with self._failures(step):
+      started = bool(self._mgr.save(step, args=args, force=True))
+    self._pending = step if started else self._pending
+    return started
+
+  @contextlib.contextmanager
+  def _failures(self, step: int | None):
+    """A failed write (raised by Orbax in the save's thread, surfacing here) as one line."""
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001 (any failure of the storage stops the run)
+      failed = self._pending if self._pending is not None else step
+      self._pending, self._failed = None, True
+      self._mgr.reload()
+      latest = self._mgr.latest_step()
+      raise CheckpointError(
+          f"saving checkpoint step {failed} in {self.directory} failed ({reason(e)}); the "
+          f"latest complete checkpoint is step {latest}, which a rerun resumes from once the "
+          "storage is fixed (free space, permissions)") from e
 
   def restore(self, state: TrainState, shardings: TrainState | None = None,
               step: int | None = None) -> tuple[TrainState, dict]:
-    """Restores `step` (default the latest) into the layout of `state` (a freshly built
-    state, or its `jax.eval_shape`); returns (state, data iterator state)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+    """Restores `step` into the layout of `state` (a freshly built state, or its
+    `jax.eval_shape`); returns (state, data iterator state). Without `step`: the newest
+    step that reads back, unreadable newer ones skipped (printed) and moved aside.
+
+    Raises:
+      CheckpointError: no step reads back (each step's reason is named).
+    """
+    if step is not None:
+      return self._restore(state, shardings, step)
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f"{self.directory}: no complete checkpoint to restore")
-    shard = shardings if shardings is not None else None
-    param_shard = (None if shard is None
-                   else nnx.to_pure_dict(nnx.merge_state(shard.params, shard.frozen)))
-    target_params = merged_params(state)
+    skipped: list[tuple[int, str]] = []
+    for s in steps:
+      try:
+        out, why = self._restore(state, shardings, s), None
+      except Exception as e:  # noqa: BLE001 (Orbax / TensorStore raise many types here)
+        out, why = None, reason(e)
+      if not _agreed(why is None):
+        skipped.append((s, why or "unreadable on another process"))
+        continue
+      for bad, why in skipped:
+        aside = self._move_aside(bad)
+        print(f"checkpoint step {bad} in {self.directory} is unreadable ({why}); skipped it "
+              f"(moved to {aside}) and resumed from step {s}", flush=True)
+      return out
+    raise CheckpointError(
+        f"no checkpoint in {self.directory} can be restored: "
+        + "; ".join(f"step {s}: {why}" for s, why in skipped)
+        + " (use a new --workdir, or move the broken step directories aside)")
+
+  def _restore(self, state: TrainState, shardings: TrainState | None, step: int
+               ) -> tuple[TrainState, dict]:
     args = ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract(target_params, param_shard)),
+        params=ocp.args.StandardRestore(
+            _abstract(merged_params(state), _param_shardings(shardings))),
         opt=ocp.args.StandardRestore(
-            _abstract(state.opt_state, None if shard is None else shard.opt_state)),
+            _abstract(state.opt_state, None if shardings is None else shardings.opt_state)),
         meta=ocp.args.StandardRestore(_abstract({"step": state.step, "rng": state.rng})),
         data=ocp.args.JsonRestore())
     out = self._mgr.restore(step, args=args)
@@ -117,12 +185,57 @@ class Checkpointer:
                           rng=out["meta"]["rng"])
     return state, dict(out["data"] or {})
 
+  def _move_aside(self, step: int) -> str:
+    """`<step>` -> `<step>.unreadable[-k]` (process 0; the others wait for it)."""
+    src = paths.as_path(self.directory) / str(step)
+    dst, k = src.parent / f"{step}{UNREADABLE}", 1
+    ok = True
+    if jax.process_index() == 0:
+      while dst.exists():
+        dst, k = src.parent / f"{step}{UNREADABLE}-{k}", k + 1
+      try:
+        src.rename(dst)
+      except (OSError, NotImplementedError) as e:  # e.g. a bucket without directory renames
+        ok, why = False, reason(e)
+    if not _agreed(ok):
+      raise CheckpointError(
+          f"checkpoint step {step} in {self.directory} is unreadable and could not be moved "
+          f"aside ({why if not ok else 'on process 0'}); move it out of the way by hand and "
+          "rerun")
+    self._mgr.reload()
+    return os.fspath(dst)
+
   def wait(self) -> None:
-    self._mgr.wait_until_finished()
+    with self._failures(None):
+      self._mgr.wait_until_finished()
+    self._pending = None
 
   def close(self) -> None:
-    self._mgr.wait_until_finished()
-    self._mgr.close()
+    if not self._failed:
+      self.wait()
+    try:
+      self._mgr.close()
+    except Exception:  # noqa: BLE001
+      if not self._failed:  # else: the failure already reported, raised again by Orbax
+        raise
+
+
+def reason(e: BaseException, limit: int = 240) -> str:
+  """The root cause of `e` on one line (TensorStore wraps it in pages of spec)."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  text = " ".join(str(e).split()) or type(e).__name__
+  text = text if len(text) <= limit else text[:limit] + "..."
+  return text if isinstance(e, (OSError, ValueError)) and ":" in text else (
+      f"{type(e).__name__}: {text}")
+
+
+def _agreed(ok: bool) -> bool:
+  """Whether every process has `ok` (a restore must pick the same step everywhere)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def with_params(state: TrainState, params: dict) -> TrainState:
@@ -182,15 +295,13 @@ def load_params(path: str, state: TrainState, shardings: TrainState | None = Non
   step = latest_complete_step(root)
   if step is None:
     raise FileNotFoundError(f"init_from {path!r}: no complete Orbax checkpoint there")
-  param_shard = (None if shardings is None
-                 else nnx.to_pure_dict(nnx.merge_state(shardings.params, shardings.frozen)))
-  target = _abstract(merged_params(state), param_shard)
+  target = _abstract(merged_params(state), _param_shardings(shardings))
   with ocp.CheckpointManager(root, item_names=("params", "opt", "meta", "data")) as mgr:
     try:
       out = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"init_from {path!r} step {step}: parameters do not match this model "
-                       f"({e})") from None
+    except Exception as e:  # noqa: BLE001 (a model mismatch, or a truncated / missing file)
+      raise CheckpointError(f"init_from {path!r}: cannot load the parameters of its checkpoint "
+                            f"step {step} into this model ({reason(e)})") from e
   return with_params(state, out["params"])
 
 

@@ -28,3 +28,12 @@ class InputError(UserError, ValueError):
 
 class WorkdirConflict(UserError):
   """The workdir holds a run made under a different config (see `deepintuit_jax.workdir`)."""
+
+
+class WorkdirBusy(UserError):
+  """Another live run holds the workdir (see `deepintuit_jax.lease`)."""
+
+
+class CheckpointError(UserError, OSError):
+  """No checkpoint of the workdir can be restored, or a checkpoint save failed (a full disk,
+  a failing write); the message names the directory, the step and the error."""

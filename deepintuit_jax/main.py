@@ -21,7 +21,8 @@ from typing import Any, Callable, NamedTuple
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deepintuit_jax import distributed, errors, interrupts, paths, preflight, workdir as workdir_lib
+from deepintuit_jax import distributed, errors, interrupts, paths, preflight
+from deepintuit_jax import lease as lease_lib, workdir as workdir_lib
 from deepintuit_jax.data.errors import BadSample
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file [:arg]",
@@ -235,21 +236,30 @@ def _main() -> None:
                              f": cannot load the config file ({lines[-1]})") from None
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
-  # Everything below up to the Guard only reads: a refused or invalid run touches no file.
-  preflight.check_config(config)
+  preflight.check_config(config)  # reads only: a refused or invalid run touches no file
   workdir = _workdir_or_none()
   stage = get_stage(config.stage)
+  maybe_initialize_distributed()
+  import jax
+
+  is_main = jax.process_index() == 0
+  with lease_lib.Lease(workdir, enabled=is_main) as lease:  # one run per workdir
+    if lease.note:
+      print(lease.note, flush=True)
+    _run(stage, config, workdir, is_main)
+
+
+def _run(stage: Stage, config, workdir: str, is_main: bool) -> None:
+  """The run, once it holds the workdir: the comparison with the recorded config and the
+  finished check only read; a failed start is cleaned up by the Guard."""
+  from deepintuit_jax import sharding
+
   recorded = config.to_dict()
   plan = workdir_lib.check(workdir, recorded, allow_change=_ALLOW_CHANGE.value)
   if plan.finished_step is not None and not _RERUN_EVAL.value:
     print(workdir_lib.finished_message(plan), flush=True)
     return
-  maybe_initialize_distributed()
-  import jax
-  from deepintuit_jax import sharding
-
   cfg = _from_config(stage, config)
-  is_main = jax.process_index() == 0
   with workdir_lib.Guard(workdir, enabled=is_main):
     if is_main:
       print(f"workdir: {workdir}\nconfig:\n{config}\nresolved: {cfg!r}", flush=True)
@@ -268,7 +278,6 @@ def _main() -> None:
     step = workdir_lib.latest_checkpoint_step(workdir)
     if step is not None:
       workdir_lib.mark_finished(workdir, step)
-
 
 if __name__ == "__main__":
   app.run(main, flags_parser=_parse_flags)

@@ -73,6 +73,16 @@ def _exists(key: str, path: str, *, kind: str) -> None:
     raise InputNotFound(f"{key}={path!r}: {what}")
 
 
+def _check_export(key: str, path: str, *, exports: bool = True) -> None:
+  """An HF directory (or, with `exports`, a stage workdir's hf/ export) when there is one at
+  `path`: complete (config.json, tokenizer, every weight shard whole)."""
+  from deepintuit_jax.models.qwen2_5_vl.hf_load import check_model_dir
+  for cand in (path, os.path.join(path, "hf")) if exports else (path,):
+    if os.path.isfile(os.path.join(cand, "config.json")):
+      check_model_dir(cand, key=key)
+      return
+
+
 def check_config(config) -> None:
   """Raises the first problem found in `config` (a ConfigDict of a stage)."""
   for key, (ok, valid) in _RULES.items():
@@ -97,9 +107,16 @@ def check_config(config) -> None:
       raise InputNotFound(f"init_from={init_from!r}: no such directory (an HF model "
                           "directory or another stage's workdir / checkpoints)"
                           + _INIT_FROM_HINTS.get(_get(config, "stage"), ""))
-    if os.path.isfile(os.path.join(init_from, "config.json")):
-      from deepintuit_jax.models.qwen2_5_vl.hf_load import check_model_dir
-      check_model_dir(init_from, key="init_from")
+    _check_export("init_from", init_from, exports=False)  # a workdir: its checkpoints
+  # Models handed over by earlier stages (the chain's hf/ exports): whole, or named.
+  policy = _get(config, "infer.policy")
+  handed = [("infer.policy", policy)] if policy and policy != "none" else []
+  for part in filter(None, (_get(config, "infer.baselines") or "").split(",")):
+    name, _, path = part.strip().partition("=")
+    handed.append((f"infer.baselines[{name}]", path))
+  for key, path in handed:
+    if path and "://" not in path:
+      _check_export(key, path)
   for key in ("data.train_file", "data.class_file"):
     if _get(config, key):
       _exists(key, _get(config, key), kind="file")

@@ -10,6 +10,8 @@ step (e.g. the imitation baseline) gets only the shared keys; if it writes an
 
 Resume: a finished step leaves `<step>/stage_done.json` and is never rerun; the step a kill
 interrupted resumes from its own state (checkpoints, trace files) when the chain is rerun.
+One run per workdir: `main` holds the root's lease, and each step's own while it runs, so a
+second run in the chain or in one of its steps' workdirs is refused (`deepintuit_jax.lease`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 
-from deepintuit_jax import preflight
+from deepintuit_jax import lease, preflight
 from deepintuit_jax.evals import results as results_lib
 
 DONE = "stage_done.json"
@@ -119,12 +121,15 @@ def run(c, *, workdir: str, mesh, stages: Mapping[str, Callable]) -> dict[str, A
     preflight.check_config(sub)  # the checks main runs on a stage's own config
     cfg = stage.from_config(sub)
     os.makedirs(sub_dir, exist_ok=True)
-    if is_main:
-      with open(os.path.join(sub_dir, "run_config.json"), "w") as f:
-        json.dump(sub.to_dict(), f, indent=2, sort_keys=True, default=str)
-      with open(os.path.join(sub_dir, "resolved_config.txt"), "w") as f:
-        f.write(repr(cfg) + "\n")
-    stage.run(cfg, workdir=sub_dir, mesh=mesh)
+    # The step's own lease (the chain holds its root's too): a run started by hand in the
+    # step's workdir meanwhile is refused, and none is overwritten by this one.
+    with lease.Lease(sub_dir, enabled=is_main):
+      if is_main:
+        with open(os.path.join(sub_dir, "run_config.json"), "w") as f:
+          json.dump(sub.to_dict(), f, indent=2, sort_keys=True, default=str)
+        with open(os.path.join(sub_dir, "resolved_config.txt"), "w") as f:
+          f.write(repr(cfg) + "\n")
+      stage.run(cfg, workdir=sub_dir, mesh=mesh)
     seconds = time.perf_counter() - t0
     if is_main:
       with open(done, "w") as f:

@@ -7,10 +7,12 @@ import json
 import os
 
 import ml_collections
+import numpy as np
 import pytest
 
 from deepintuit_jax import errors, preflight
 from deepintuit_jax.data import annotations
+from deepintuit_jax.models import safetensors_io
 from deepintuit_jax.models.qwen2_5_vl import hf_load
 
 
@@ -37,13 +39,46 @@ def test_model_dir_checks_name_the_key_and_the_problem(tmp_path):
       _touch(path, *files)
     with pytest.raises(kind, match=f"(?is)model.checkpoint='{path}'.*{match}"):
       hf_load.check_model_dir(path)
-  _touch(str(tmp_path / "ok"), "config.json", "model.safetensors", "tokenizer.json")
+  _touch(str(tmp_path / "ok"), "config.json", "tokenizer.json")
+  safetensors_io.save_file({"w": np.ones((4, 4), np.float32)},
+                           str(tmp_path / "ok" / "model.safetensors"))
   hf_load.check_model_dir(str(tmp_path / "ok"))
   with pytest.raises(errors.InputNotFound, match="is a file"):
     hf_load.check_model_dir(str(tmp_path / "ok" / "config.json"))
   # The loader itself refuses pickles with the same type (still a ValueError for callers).
   with pytest.raises(ValueError, match="pickled"):
     hf_load.weight_files(str(tmp_path / "onlybin"))
+
+
+def test_a_handed_over_export_with_broken_weights_is_named(tmp_path):
+  """The chain's hand-over directories (an earlier step's hf/): a truncated or missing
+  weight file is one line naming the key and the file, before anything is loaded."""
+  hf = tmp_path / "grpo" / "hf"
+  _touch(str(hf), "config.json", "tokenizer.json")
+  shards = {"model-00001-of-00002.safetensors": {"a": np.ones((8, 8), np.float32)},
+            "model-00002-of-00002.safetensors": {"b": np.ones((8,), np.float32)}}
+  for name, tensors in shards.items():
+    safetensors_io.save_file(tensors, str(hf / name))
+  (hf / hf_load.INDEX).write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002"
+                                                              ".safetensors",
+                                                              "b": "model-00002-of-00002"
+                                                              ".safetensors"}}))
+  c = ml_collections.ConfigDict(dict(infer=dict(policy=str(tmp_path / "grpo"),
+                                                baselines=f"SFT={hf}")))
+  preflight.check_config(c)  # whole: accepted (a workdir or its hf/)
+  first = hf / "model-00001-of-00002.safetensors"
+  os.truncate(first, os.path.getsize(first) - 16)
+  with pytest.raises(errors.InputError) as e:
+    preflight.check_config(c)
+  msg = str(e.value)
+  assert "\n" not in msg and msg.startswith(f"infer.policy={str(tmp_path / 'grpo' / 'hf')!r}")
+  assert "unusable weights" in msg and "model-00001-of-00002.safetensors" in msg
+  assert "truncated file?" in msg
+  os.remove(first)
+  c.infer.policy = "none"
+  with pytest.raises(errors.UserError, match=r"infer.baselines\[SFT\]=.*does not exist "
+                                             r"\(missing shard file\)"):
+    preflight.check_config(c)
 
 
 def test_empty_or_unusable_annotation_file_is_named(tmp_path):

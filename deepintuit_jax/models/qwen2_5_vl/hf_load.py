@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from deepintuit_jax import sharding as sharding_lib
-from deepintuit_jax.errors import InputError, InputNotFound
+from deepintuit_jax.errors import InputError, InputNotFound, UserError
 from deepintuit_jax.models import safetensors_io
 from deepintuit_jax.models.qwen2_5_vl import hf_io
 from deepintuit_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, RuntimeOptions
@@ -37,9 +37,10 @@ def _pickle_message(where: str, pickles: list[str]) -> str:
 def check_model_dir(path: str, *, key: str = "model.checkpoint",
                     tokenizer: bool = True) -> None:
   """Raises a `UserError` naming `key` unless `path` is a local Hugging Face model
-  directory: config.json, safetensors weights (pickled-only weights are refused) and, with
-  `tokenizer`, tokenizer files. Checked before transformers sees the path (it would read a
-  missing directory as a Hub repo id)."""
+  directory: config.json, safetensors weights (pickled-only weights are refused; every shard
+  present, its header consistent with its size) and, with `tokenizer`, tokenizer files.
+  Checked before transformers sees the path (it would read a missing directory as a Hub
+  repo id)."""
   where = f"{key}={path!r}"
   if not os.path.exists(path):
     raise InputNotFound(f"{where}: no such directory (a local Hugging Face model directory "
@@ -60,6 +61,13 @@ def check_model_dir(path: str, *, key: str = "model.checkpoint",
   if tokenizer and not any(f in listing for f in TOKENIZER_FILES):
     raise InputNotFound(f"{where}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy "
                         "them from the base model's directory")
+  try:  # headers only (cheap): a truncated or missing shard is named here, not loaded half
+    for name in weight_files(path)[0]:
+      safetensors_io.read_header(os.path.join(path, name))
+  except UserError:
+    raise
+  except (ValueError, FileNotFoundError) as e:
+    raise InputError(f"{where}: unusable weights: {e}") from None
 
 
 def weight_files(path: str) -> tuple[list[str], dict[str, str] | None]:
