@@ -428,19 +428,22 @@ def _mesh(args):
   return sharding_lib.make_mesh(shape, devices=devices or jax.devices()), spec
 
 
-_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\).*available HBM \(([\d.]+)([KMGT]?)\)",
-                  re.S)
+_NUM = r"([\d.]+)([KMGT]?)"
+# XLA:TPU's two CompileTimeHbmOom messages: temporaries alone over the chip, or all of it.
+_OOM_TEMPS = re.compile(r"HLO temporaries \(" + _NUM + r"\).*available HBM \(" + _NUM + r"\)", re.S)
+_OOM_USED = re.compile(r"Used " + _NUM + r" of " + _NUM + r" hbm")
 
 
 def _oom_figures(err: Exception) -> dict[str, int] | None:
-  """XLA:TPU refuses at compile time a program that cannot fit (CompileTimeHbmOom): its
-  message names the bytes it needed and the HBM it had."""
-  m = _OOM.search(str(err))
-  if not m:
-    return None
+  """XLA:TPU refuses at compile time a program that cannot fit (CompileTimeHbmOom); its
+  message names what it needed (the temporaries, or everything) and the HBM it had."""
   unit = lambda u: 1024 ** "_KMGT".index(u or "_")  # noqa: E731
-  return dict(temp_size_in_bytes=int(float(m.group(1)) * unit(m.group(2))),
-              hbm_bytes=int(float(m.group(3)) * unit(m.group(4))))
+  for pattern, key in ((_OOM_TEMPS, "temp_size_in_bytes"), (_OOM_USED, "used_bytes")):
+    m = pattern.search(str(err))
+    if m:
+      return {key: int(float(m.group(1)) * unit(m.group(2))),
+              "hbm_bytes": int(float(m.group(3)) * unit(m.group(4)))}
+  return None
 
 
 _SIZE = re.compile(r"^\s*\S+\(\s*\d+%\);\s*([\d.]+)([KMGT]?i?B);\s*\d+;\s*(\d+);\s*(.*)$")
@@ -537,10 +540,15 @@ def check(args, cfg, opts, mesh, spec, name: str) -> dict:
     if oom is None:
       raise
     out.update(oom, compile_seconds=round(time.perf_counter() - t0, 1))
-    out["total_bytes"] = _bytes_per_device(built.state, built.shardings) + oom[
-        "temp_size_in_bytes"]
-    print(f"XLA:TPU refused it (CompileTimeHbmOom): temporaries "
-          f"{oom['temp_size_in_bytes'] / GiB:.2f} GiB > {oom['hbm_bytes'] / GiB:.2f} GiB HBM")
+    if "used_bytes" in oom:
+      out["total_bytes"] = oom["used_bytes"]
+      print(f"XLA:TPU refused it (CompileTimeHbmOom): {oom['used_bytes'] / GiB:.2f} GiB "
+            f"needed > {oom['hbm_bytes'] / GiB:.2f} GiB HBM")
+    else:
+      out["total_bytes"] = _bytes_per_device(built.state, built.shardings) + oom[
+          "temp_size_in_bytes"]
+      print(f"XLA:TPU refused it (CompileTimeHbmOom): temporaries "
+            f"{oom['temp_size_in_bytes'] / GiB:.2f} GiB > {oom['hbm_bytes'] / GiB:.2f} GiB HBM")
   else:
     out["compile_seconds"] = round(time.perf_counter() - t0, 1)
     mem = memory_figures(compiled)

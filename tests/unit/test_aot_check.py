@@ -110,3 +110,21 @@ def test_verdict_and_exit_code_agree_when_it_does_not_fit():
   assert len(verdict) == 1 and verdict[0].startswith("fits: no, ") and verdict[0].endswith(
       "of 0.0 GiB per device (sft step, TINY, 2 cpu devices, blockwise)"), r.stdout[-2000:]
   assert "--remat=full" in r.stdout and "--batch=2 --accum=2" in r.stdout
+
+
+def test_reads_both_of_xla_tpus_out_of_memory_messages():
+  """XLA:TPU refuses a program too large for the chip in one of two ways (both seen from
+  libtpu 0.0.50.1): the check reads the figures out of either."""
+  m = _load()
+  used = m._oom_figures(RuntimeError(
+      "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out "
+      "of memory in memory space hbm. Used 15.83G of 15.75G hbm. Exceeded hbm capacity by "
+      "83.03M."))
+  assert abs(used["used_bytes"] - 16_997_333_074) <= 1
+  assert abs(used["hbm_bytes"] - 16_911_433_728) <= 1
+  temps = m._oom_figures(RuntimeError(
+      "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total "
+      "memory required for HLO temporaries (17.78G) exceeds available HBM (15.75G). HLO "
+      "module: jit__step."))
+  assert abs(temps["temp_size_in_bytes"] - 19_091_129_630) <= 1
+  assert m._oom_figures(RuntimeError("INTERNAL: something else")) is None

@@ -26,13 +26,18 @@ class Linear(nnx.Module):
 
   Args:
     axes: logical axis names of the kernel, e.g. ("embed", "mlp"); the bias gets axes[1].
+    gather: under a mesh, cast the kernel in its own sharding, then gather it
+      (`sharding.gathered`), so its gradient is reduce-scattered in the compute dtype at
+      each use. For layers called one by one (the vision tower's unrolled blocks); the
+      decoder's scan gathers its stacked layers itself.
   """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
                axes: tuple[str | None, str | None], dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs, gather: bool = False):
     self.in_features, self.out_features = in_features, out_features
     self.dtype = dtype
+    self.gather_axes = tuple(axes) if gather else None
     self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), param_dtype),
                             logical_axes=tuple(axes))
     if use_bias:
@@ -42,7 +47,10 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [..., in] -> [..., out] in `dtype`."""
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    w = self.kernel[...]
+    w = (w.astype(self.dtype) if self.gather_axes is None
+         else sharding_lib.gathered(w, self.gather_axes, self.dtype))
+    y = jnp.dot(x.astype(self.dtype), w)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
