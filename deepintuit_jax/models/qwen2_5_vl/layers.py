@@ -26,18 +26,13 @@ class Linear(nnx.Module):
 
   Args:
     axes: logical axis names of the kernel, e.g. ("embed", "mlp"); the bias gets axes[1].
-    gather: under a mesh, cast the kernel in its own sharding, then gather it
-      (`sharding.gathered`), so its gradient is reduce-scattered in the compute dtype at
-      each use. For layers called one by one (the vision tower's unrolled blocks); the
-      decoder's scan gathers its stacked layers itself.
   """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
                axes: tuple[str | None, str | None], dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs, gather: bool = False):
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     self.in_features, self.out_features = in_features, out_features
     self.dtype = dtype
-    self.gather_axes = tuple(axes) if gather else None
     self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), param_dtype),
                             logical_axes=tuple(axes))
     if use_bias:
@@ -47,10 +42,7 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [..., in] -> [..., out] in `dtype`."""
-    w = self.kernel[...]
-    w = (w.astype(self.dtype) if self.gather_axes is None
-         else sharding_lib.gathered(w, self.gather_axes, self.dtype))
-    y = jnp.dot(x.astype(self.dtype), w)
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -100,9 +92,19 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(self.dtype) * y
 
 
+LAYER_INPUT = "decoder_layer_input"  # the name the decoder scan gives each layer's input
+
+
 def remat_policy(remat: str):
-  """The `jax.checkpoint` policy of a RuntimeOptions.remat name ("full" = save nothing)."""
-  return None if remat == "full" else getattr(jax.checkpoint_policies, remat)
+  """The `jax.checkpoint` policy of a RuntimeOptions.remat name ("full" = save nothing;
+  "offload": save nothing on the device, each decoder layer's input in pinned host memory)."""
+  if remat == "full":
+    return None
+  if remat == "offload":
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device", offload_dst="pinned_host")
+  return getattr(jax.checkpoint_policies, remat)
 
 
 def maybe_remat(fn, remat: str):

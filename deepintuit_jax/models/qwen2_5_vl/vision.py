@@ -71,7 +71,7 @@ class PatchEmbed(nnx.Module):
   def __init__(self, config: VisionConfig, opts: RuntimeOptions, *, rngs: nnx.Rngs):
     self.proj = Linear(config.patch_dim, config.hidden_size, use_bias=False,
                        axes=("patch", "vision_embed"), dtype=opts.dtype,
-                       param_dtype=opts.param_dtype, rngs=rngs, gather=True)
+                       param_dtype=opts.param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[N, patch_dim] -> [N, Dv]."""
@@ -87,7 +87,7 @@ class VisionAttention(nnx.Module):
     self.impl = attn_lib.resolve_impl(opts.attention_impl, dtype=opts.dtype,
                                       head_dim=config.head_dim, causal_text=False)
     self.block = opts.attention_block
-    kw = dict(dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs, gather=True)
+    kw = dict(dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
     # qkv's output dim is [3, heads, hd]: sharding it over heads would cut across q/k/v.
     self.qkv = Linear(d, 3 * d, use_bias=True, axes=("vision_embed", "qkv"), **kw)
     self.proj = Linear(d, d, use_bias=True, axes=("vision_heads", "vision_embed"), **kw)
@@ -107,8 +107,7 @@ class VisionMLP(nnx.Module):
 
   def __init__(self, config: VisionConfig, opts: RuntimeOptions, *, rngs: nnx.Rngs):
     d, f = config.hidden_size, config.intermediate_size
-    kw = dict(use_bias=True, dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs,
-              gather=True)
+    kw = dict(use_bias=True, dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
     self.gate_proj = Linear(d, f, axes=("vision_embed", "vision_mlp"), **kw)
     self.up_proj = Linear(d, f, axes=("vision_embed", "vision_mlp"), **kw)
     self.down_proj = Linear(f, d, axes=("vision_mlp", "vision_embed"), **kw)
@@ -144,8 +143,7 @@ class PatchMerger(nnx.Module):
   def __init__(self, config: VisionConfig, opts: RuntimeOptions, *, rngs: nnx.Rngs):
     self.unit = config.spatial_merge_size ** 2
     wide = config.hidden_size * self.unit
-    kw = dict(use_bias=True, dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs,
-              gather=True)
+    kw = dict(use_bias=True, dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
     self.ln_q = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, axes=("vision_embed",),
                         dtype=opts.dtype, param_dtype=opts.param_dtype)
     self.mlp = nnx.List([
