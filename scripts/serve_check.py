@@ -131,7 +131,7 @@ def run_vllm(export, records, settings, args) -> dict[str, str]:
                      "multi_modal_data": {"video": [(frames, meta)]},
                      "mm_processor_kwargs": {"do_sample_frames": False}})
   llm = LLM(model=export, dtype="float32", seed=0, limit_mm_per_prompt={"video": 1},
-            max_model_len=args.max_model_len)
+            max_model_len=args.max_model_len, gpu_memory_utilization=args.vllm_memory)
   params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens,
                           stop_token_ids=chat.stop_ids(tok), skip_special_tokens=False)
   outs = llm.generate(requests, params)
@@ -195,6 +195,8 @@ def main(argv=None) -> int:
   ap.add_argument("--no_rope_patch", action="store_true",
                   help="run transformers with its own rope rule (to measure it)")
   ap.add_argument("--max_model_len", type=int, default=16384)
+  ap.add_argument("--vllm_memory", type=float, default=0.9,
+                  help="vLLM's gpu_memory_utilization (on CPU: the share of host memory)")
   ap.add_argument("--rerun", action="store_true")
   args = ap.parse_args(argv)
   try:
@@ -227,7 +229,8 @@ def _main(args) -> int:
       cmd = [args.vllm_python, os.path.abspath(__file__), args.export, args.split,
              "--engines=vllm", f"--out={out}", f"--video_root={args.video_root}",
              f"--max_items={args.max_items}", f"--max_new_tokens={args.max_new_tokens}",
-             f"--max_model_len={args.max_model_len}", "--rerun"]
+             f"--max_model_len={args.max_model_len}", f"--vllm_memory={args.vllm_memory}",
+             "--rerun"]
       print("vllm: " + " ".join(cmd), flush=True)
       if subprocess.run(cmd).returncode:
         raise UserError(f"the vllm run in {args.vllm_python} failed (its output is above)")
