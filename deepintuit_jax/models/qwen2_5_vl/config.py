@@ -201,11 +201,14 @@ class Qwen2_5_VLConfig:
       raise ValueError(f"{source}: missing required key {e.args[0]!r}") from None
     ids = {k: d.get(k, t.get(k)) for k in (
         "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    rule = d.get(ROPE_CONVENTION_KEY) or "qwen"
+    if rule not in ROPE_CONVENTIONS:
+      raise ValueError(f"{source}: {ROPE_CONVENTION_KEY} {rule!r} not one of {ROPE_CONVENTIONS}")
     return cls(vision=vision, text=text,
                **{k: int(x) for k, x in ids.items() if x is not None},
                bos_token_id=t.get("bos_token_id", 151643),
                eos_token_id=t.get("eos_token_id", 151645),
-               rope_convention=d.get(ROPE_CONVENTION_KEY) or "qwen")
+               rope_convention=rule)
 
   def to_hf_dict(self, *, torch_dtype: str = "float32") -> dict[str, Any]:
     t, v = self.text, self.vision
