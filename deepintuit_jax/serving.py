@@ -69,13 +69,13 @@ def video_inputs(path: str, export_dir: str, *, item_id: str | None = None
   return clip.frames, video_metadata(clip, s["fps"])
 
 
-def patch_transformers_rope(convention: str = "qwen") -> None:
+def patch_transformers_rope(convention: str | None = "qwen") -> None:
   """Replaces `Qwen2_5_VLModel.get_rope_index` of the installed transformers with ours for
-  `convention` (every model of that class in this process; idempotent). Only needed where
-  the installed version's rule differs from the model's: transformers >= 5.3 for a model
-  trained with "qwen" (the default)."""
+  `convention` (every model of that class in this process; idempotent); None puts the
+  installed one back. Only needed where the installed version's rule differs from the
+  model's: transformers >= 5.3 for a model trained with "qwen" (the default)."""
   from deepintuit_jax.models.qwen2_5_vl import rope
-  if convention not in rope.CONVENTIONS:
+  if convention is not None and convention not in rope.CONVENTIONS:
     raise ConfigError(f"rope convention {convention!r} not one of {rope.CONVENTIONS}")
   try:
     import torch
@@ -85,6 +85,9 @@ def patch_transformers_rope(convention: str = "qwen") -> None:
     raise ConfigError(f"patch_transformers_rope needs torch and transformers ({e})") from None
   cls = hf.Qwen2_5_VLModel
   original = getattr(cls.get_rope_index, "_deepintuit_original", cls.get_rope_index)
+  if convention is None:
+    cls.get_rope_index = original
+    return
   signature = inspect.signature(original)
   # Before 5.3 the deltas subtract the padded row length, since then the real tokens only.
   major, minor = (int(x) for x in transformers.__version__.split(".")[:2])

@@ -78,8 +78,7 @@ def run_transformers(export, records, settings, args) -> dict[str, str]:
     from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
   except ImportError as e:
     raise UserError(f"the transformers engine needs torch and transformers ({e})") from None
-  if not args.no_rope_patch:
-    serving.patch_transformers_rope(settings["rope_convention"])
+  serving.patch_transformers_rope(None if args.no_rope_patch else settings["rope_convention"])
   model = Qwen2_5_VLForConditionalGeneration.from_pretrained(export, dtype=torch.float32).eval()
   tok = AutoTokenizer.from_pretrained(export)
   stops, pad, video_id = chat.stop_ids(tok), chat.pad_id(tok), chat.token_id(tok, chat.VIDEO_PAD)

@@ -58,7 +58,8 @@ def test_patch_transformers_rope_positions():
     serving.patch_transformers_rope("qwen")  # idempotent: wraps the original once
     assert Qwen2_5_VLModel.get_rope_index._deepintuit_original is native
   finally:
-    Qwen2_5_VLModel.get_rope_index = native
+    serving.patch_transformers_rope(None)
+  assert Qwen2_5_VLModel.get_rope_index is native
   cfg = config_lib.Qwen2_5_VLConfig()
   want, want_d = rope.get_rope_index(cfg, ids.numpy(), None, None, grid.numpy(), spg.numpy())
   np.testing.assert_array_equal(pos.numpy(), want)
