@@ -13,7 +13,8 @@ export's processor settings and its rope rule:
   processor's (tests/parity/test_video_golden.py); its rope rule patched to the export's
   (`serving.patch_transformers_rope`) unless `--no_rope_patch`;
 * vllm: `LLM.generate` in fp32 when vllm is importable here, or in `--vllm_python` (a
-  separate environment: this script re-runs itself there with `--engines=vllm`).
+  separate environment: this script re-runs itself there with `--engines=vllm`); skipped
+  with a note when neither.
 Every engine's token ids are decoded the same way (special tokens kept, up to the first end
 token). Writes `<out>/<engine>.jsonl` (an engine whose file exists is not run again unless
 `--rerun`) and prints, per engine, the clips whose text and whose parsed answer equal the
@@ -223,6 +224,10 @@ def _main(args) -> int:
     path = os.path.join(out, f"{name}.jsonl")
     if os.path.isfile(path) and not args.rerun:
       print(f"{name}: kept {path}", flush=True)
+      continue
+    if name == "vllm" and not args.vllm_python and not _vllm_here():
+      print("vllm: not importable here, skipped (pass --vllm_python=<an environment with "
+            "vllm>/bin/python)", flush=True)
       continue
     if name == "vllm" and args.vllm_python and not _vllm_here():
       cmd = [args.vllm_python, os.path.abspath(__file__), args.export, args.split,
