@@ -36,6 +36,10 @@ def model_config() -> ml_collections.ConfigDict:
       param_dtype="float32",  # master weights
       remat="none",       # none | full | dots_saveable | dots_with_no_batch_dims_saveable
       attention_impl="",  # "" = auto | blockwise | cudnn | pallas | reference (= xla)
+      # Where the text after a video starts in the 3D rope positions: qwen (the original
+      # Qwen2.5-VL code and vLLM) | transformers_5.2 | transformers_5.3. Recorded in the
+      # export's config.json; a run starting from a model that records another is refused.
+      rope_convention="qwen",
   ))
 
 

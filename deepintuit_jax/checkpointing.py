@@ -68,9 +68,11 @@ class Checkpointer:
   of the latest complete checkpoints to keep (older ones are deleted after a new save).
   `model_source` (set by the stage once known): the HF directory the model's architecture
   and tokenizer came from, recorded beside the first save (`SOURCE_FILE`), so that a later
-  stage starting from these checkpoints builds the same model (`recorded_source`).
+  stage starting from these checkpoints builds the same model (`recorded_source`), with the
+  rope rule it was trained with (`rope_convention`, `recorded_rope_convention`).
   """
   model_source: str | None = None
+  rope_convention: str | None = None
   _source_recorded = False
   _pending: int | None = None  # the step of the save in flight
   _failed = False              # a failed save was reported (Orbax re-raises it at close)
@@ -113,7 +115,8 @@ class Checkpointer:
     if self.model_source and not self._source_recorded and jax.process_index() == 0:
       record = paths.join(self.directory, SOURCE_FILE)
       if not paths.as_path(record).exists():  # one look per run, not per save (gs://)
-        write_json(record, {"source": self.model_source})
+        write_json(record, {"source": self.model_source,
+                            "rope_convention": self.rope_convention})
       self._source_recorded = True
     with self._failures(step):
       started = bool(self._mgr.save(step, args=args, force=True))
@@ -268,10 +271,18 @@ SOURCE_FILE = "model_source.json"
 def recorded_source(path: str) -> str | None:
   """The HF directory the checkpoints under `path` (a `checkpoints/` dir or its workdir) were
   trained from, as `Checkpointer.model_source` recorded it; None when not recorded."""
+  return _source_record(path).get("source") or None
+
+
+def recorded_rope_convention(path: str) -> str | None:
+  """The rope rule the checkpoints under `path` were trained with; None when not recorded
+  (checkpoints written before the rule was recorded)."""
+  return _source_record(path).get("rope_convention") or None
+
+
+def _source_record(path: str) -> dict:
   record = paths.as_path(paths.join(_ckpt_root(path), SOURCE_FILE))
-  if not record.exists():
-    return None
-  return json.loads(record.read_text()).get("source") or None
+  return json.loads(record.read_text()) if record.exists() else {}
 
 
 def _ckpt_root(path: str) -> str:

@@ -52,8 +52,10 @@ _INIT_FROM_HINTS = {"grpo": "; GRPO starts from the SFT stage's result: run `pyt
 
 def _choices() -> dict[str, tuple[str, ...]]:
   from deepintuit_jax.data import chat, errors as data_errors, video_decode
+  from deepintuit_jax.models.qwen2_5_vl import rope
   return {"data.special_tokens": chat.TOKEN_MODES, "data.on_bad_sample": data_errors.ON_BAD_SAMPLE,
-          "data.sampling": video_decode.SAMPLING, "recipe": ("auto", "release", "tiny")}
+          "data.sampling": video_decode.SAMPLING, "recipe": ("auto", "release", "tiny"),
+          "model.rope_convention": rope.CONVENTIONS}
 
 
 def _get(config, dotted: str):

@@ -143,6 +143,15 @@ def _render(tokenizer, messages, *, add_generation_prompt: bool) -> str:
                                        add_generation_prompt=add_generation_prompt)
 
 
+def generation_prompt(tokenizer, prompt: str, *, num_videos: int = 1,
+                      system: str | None = DEFAULT_SYSTEM) -> str:
+  """The text of a generation prompt as training renders it (chat template, one
+  `<|vision_start|><|video_pad|><|vision_end|>` per video, ending with the assistant turn's
+  start): what transformers' processor and vLLM take, each expanding the video pad."""
+  return _render(tokenizer, build_messages(prompt, None, num_videos=num_videos, system=system),
+                 add_generation_prompt=True)
+
+
 def _expand_video_pads(ids: list[int], video_id: int, counts: Sequence[int]) -> np.ndarray:
   where = [i for i, t in enumerate(ids) if t == video_id]
   if len(where) != len(counts):
@@ -184,8 +193,7 @@ def encode_example(tokenizer, prompt: str, response: str | None = None, *,
   if any(n <= 0 for n in counts):
     raise ValueError(f"num_video_tokens must be positive, got {counts}")
   video_id = token_id(tokenizer, VIDEO_PAD)
-  prompt_text = _render(tokenizer, build_messages(prompt, None, num_videos=len(counts),
-                                                  system=system), add_generation_prompt=True)
+  prompt_text = generation_prompt(tokenizer, prompt, num_videos=len(counts), system=system)
   if for_generation:
     ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     input_ids = _expand_video_pads(list(ids), video_id, counts)

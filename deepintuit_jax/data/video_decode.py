@@ -56,10 +56,14 @@ def natural_key(name: str) -> list:
 
 
 def sample_indices_release(num_frames: int, max_frames: int = 32) -> np.ndarray:
-  """The DeepIntuit release's rule -> int64 [k] source indices.
+  """The DeepIntuit release's rule, with Qwen's for odd counts -> int64 [k] source indices.
 
-  More than `max_frames`: floor(linspace(0, n-1, max_frames)). Otherwise all frames, dropping
-  the last when the count is odd; a single frame is duplicated ([0, 0]).
+  More than `max_frames`: floor(linspace(0, n-1, max_frames)). Otherwise every frame, an odd
+  count included: preprocessing then repeats the last frame to fill the temporal patch, as
+  transformers' Qwen2-VL video processor (which vLLM runs) does with the frames it is given,
+  so one video gives the same frames and positions here, in transformers and in vLLM. (The
+  release dropped the last of an odd count and duplicated a single frame; the sampled clip's
+  rate, and with it the rope's seconds per grid, then differed from what a server computes.)
   """
   if num_frames <= 0:
     raise ValueError(f"num_frames must be positive, got {num_frames}")
@@ -67,10 +71,7 @@ def sample_indices_release(num_frames: int, max_frames: int = 32) -> np.ndarray:
     raise ValueError(f"max_frames must be >= 1, got {max_frames}")
   if num_frames > max_frames:
     return np.floor(np.linspace(0, num_frames - 1, max_frames)).astype(np.int64)
-  if num_frames == 1:
-    return np.zeros(2, np.int64)
-  keep = num_frames - (num_frames % 2)
-  return np.arange(keep, dtype=np.int64)
+  return np.arange(num_frames, dtype=np.int64)
 
 
 def sample_indices_fps(num_frames: int, video_fps: float, *, fps: float = 2.0,

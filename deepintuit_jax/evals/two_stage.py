@@ -55,6 +55,7 @@ class TwoStageConfig:
   priority: tuple[str, ...] | None = None
   dtype: Any = jnp.bfloat16
   tokens: str = "added"  # data.special_tokens: how labels and tags are added tokens
+  rope_convention: str | None = None  # model.rope_convention; None = as the models record
 
   def __post_init__(self):
     if self.prompt not in PROMPTS:
@@ -68,10 +69,11 @@ class TwoStageConfig:
 
 
 def load_model(path: str, labels: Sequence[str], *, dtype=jnp.bfloat16, mesh=None,
-               seed: int = 0, tokens: str = "added"):
+               seed: int = 0, tokens: str = "added", rope_convention: str | None = None):
   """(model, tokenizer) of an HF directory, with the labels and tags as atomic tokens
   (`tokens`: data.special_tokens' mode; a no-op for our exports, which carry them; a stock
-  checkpoint grows normal-initialised rows)."""
+  checkpoint grows normal-initialised rows). `rope_convention`: the rope rule to run with
+  (None = the one the directory records; another than it records is a ConfigError)."""
   from transformers import AutoTokenizer
 
   from deepintuit_jax.models import qwen2_5_vl
@@ -79,7 +81,8 @@ def load_model(path: str, labels: Sequence[str], *, dtype=jnp.bfloat16, mesh=Non
     raise FileNotFoundError(f"{path!r} is not an HF model directory (no config.json)")
   tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
   chat.add_tokens_for_mode(tokenizer, labels, tokens)
-  model = qwen2_5_vl.from_pretrained(path, dtype=dtype, mesh=mesh)
+  model = qwen2_5_vl.from_pretrained(path, dtype=dtype, mesh=mesh,
+                                     rope_convention=rope_convention)
   need = chat.required_vocab_size(tokenizer)
   if need > model.config.text.vocab_size:
     model = qwen2_5_vl.resize_token_embeddings(model, need, seed=seed)
@@ -163,7 +166,7 @@ class Calibrator:
   its frozen backbone). `scores(records)` -> {example id: probabilities [C]} over `labels`."""
 
   def __init__(self, path: str, labels: Sequence[str], *, dtype=jnp.bfloat16, mesh=None,
-               tokens: str = "added"):
+               tokens: str = "added", rope_convention: str | None = None):
     self.meta = calibrate.read_meta(path)
     self.head, self.labels = self.meta["head"], list(labels)
     trained = self.meta.get("classes") or self.labels
@@ -176,7 +179,7 @@ class Calibrator:
                     else np.asarray([trained.index(c) for c in self.labels]))
     backbone = path if self.head == "label_token" else self.meta["backbone"]
     vlm, self.tokenizer = load_model(backbone, self.labels, dtype=dtype, mesh=mesh,
-                                     tokens=tokens)
+                                     tokens=tokens, rope_convention=rope_convention)
     self.model = vlm if self.head == "label_token" else calibrate.HeadCalibrator(
         vlm, calibrate.load_head(path))
     self.label_ids = np.asarray(chat.label_token_ids(self.tokenizer, self.labels), np.int32)
@@ -264,7 +267,8 @@ def two_stage(policy: str, calibrator: str, records: Sequence[Any] | str, *,
   options = dataclasses.replace(options, labels=None, shuffle=False)
   os.makedirs(out_dir, exist_ok=True)
   trace_path = os.path.join(out_dir, "traces.jsonl")
-  model, tokenizer = load_model(policy, labels, dtype=cfg.dtype, mesh=mesh, tokens=cfg.tokens)
+  model, tokenizer = load_model(policy, labels, dtype=cfg.dtype, mesh=mesh, tokens=cfg.tokens,
+                                rope_convention=cfg.rope_convention)
   write_traces(model, tokenizer, records, trace_path, options=options, cfg=cfg.sampling())
   del model
   rows_t = traces.read_traces(trace_path)

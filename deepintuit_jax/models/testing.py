@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from deepintuit_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, VisionConfig
+from deepintuit_jax.models.qwen2_5_vl.config import (
+    ROPE_CONVENTION_KEY, Qwen2_5_VLConfig, TextConfig, VisionConfig)
 
 # Bump when `write_tiny_checkpoint` writes different files (cache keys can include it).
 VERSION = 2
@@ -280,7 +281,11 @@ def write_tiny_checkpoint(path: str, *, seed: int = 0,
     raise ValueError(f"write_tiny_checkpoint: vocab_size {config.text.vocab_size} < the "
                      f"tokenizer's {TOKENIZER_VOCAB}")
   os.makedirs(path, exist_ok=True)
-  _write_json(os.path.join(path, "config.json"), config.to_hf_dict(torch_dtype="float32"))
+  hf_config = config.to_hf_dict(torch_dtype="float32")
+  # Random weights trained with no rule: no record, like a stock checkpoint (any
+  # model.rope_convention may start from it), and the same bytes as before rules existed.
+  hf_config.pop(ROPE_CONVENTION_KEY)
+  _write_json(os.path.join(path, "config.json"), hf_config)
   tensors = random_hf_tensors(config, seed)
   safetensors.numpy.save_file(tensors, os.path.join(path, "model.safetensors"),
                               metadata={"format": "pt"})

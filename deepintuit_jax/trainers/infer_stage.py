@@ -85,7 +85,7 @@ def from_config(c) -> InferRun:
           batch_size=i.batch_size, max_new_tokens=pick(i.max_new_tokens, "max_new_tokens"),
           temperature=i.temperature, seed=c.seed, prompt=pick(i.prompt, "prompt"),
           priority=traces_stage.parse_priority(i.priority), dtype=model.dtype,
-          tokens=data.special_tokens),
+          tokens=data.special_tokens, rope_convention=model.rope_convention),
       eval=stage.eval_spec(c, pick), max_items=i.max_items)
 
 
@@ -120,14 +120,15 @@ def run(cfg: InferRun, *, workdir: str, mesh) -> dict[str, Any]:
           f"(n={int(m['n'])})", flush=True)
 
   for name, path in cfg.baselines:
-    model, tok = two_stage.load_model(path, labels, dtype=ts.dtype, mesh=mesh, tokens=ts.tokens)
+    model, tok = two_stage.load_model(path, labels, dtype=ts.dtype, mesh=mesh, tokens=ts.tokens,
+                                      rope_convention=ts.rope_convention)
     for split, recs in splits.items():
       m, preds = generation.evaluate_split(model, tok, recs, options=options, cfg=cfg.eval,
                                            classes=labels)
       record(name, split, m, preds)
     del model
   model, tok = two_stage.load_model(cfg.policy, labels, dtype=ts.dtype, mesh=mesh,
-                                    tokens=ts.tokens)
+                                    tokens=ts.tokens, rope_convention=ts.rope_convention)
   trace_rows = {}
   for split, recs in splits.items():
     path = os.path.join(workdir, split, "traces.jsonl")
@@ -138,7 +139,8 @@ def run(cfg: InferRun, *, workdir: str, mesh) -> dict[str, Any]:
     record(cfg.policy_name, split, m, trace_rows[split])
   del model
   for name, path in cfg.calibrators:
-    cal = two_stage.Calibrator(path, labels, dtype=ts.dtype, mesh=mesh, tokens=ts.tokens)
+    cal = two_stage.Calibrator(path, labels, dtype=ts.dtype, mesh=mesh, tokens=ts.tokens,
+                               rope_convention=ts.rope_convention)
     prompt = cal.meta.get("prompt") or ts.prompt
     priority = cal.meta.get("priority") or ts.priority
     for split, recs in splits.items():

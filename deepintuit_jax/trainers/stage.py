@@ -39,6 +39,7 @@ class ModelSpec:
   param_dtype: Any
   remat: str
   attention_impl: str | None
+  rope_convention: str = "qwen"  # rope.CONVENTIONS; recorded in checkpoints and the export
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +125,8 @@ def model_spec(c) -> ModelSpec:
                       lambda p: testing.write_tiny_checkpoint(p, seed=0))
   return ModelSpec(checkpoint=ckpt, dtype=DTYPES[c.model.dtype],
                    param_dtype=DTYPES[c.model.param_dtype], remat=c.model.remat,
-                   attention_impl=c.model.attention_impl or None)
+                   attention_impl=c.model.attention_impl or None,
+                   rope_convention=c.model.rope_convention)
 
 
 def data_spec(c, pick: Recipe) -> DataSpec:
@@ -198,7 +200,7 @@ def prepare(*, seed: int, init_from: str, model: ModelSpec, data: DataSpec,
   from transformers import AutoTokenizer
 
   from deepintuit_jax.models import qwen2_5_vl
-  from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions
+  from deepintuit_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, RuntimeOptions
 
   ck = checkpointing.Checkpointer(paths.join(workdir, "checkpoints"),
                                   every_steps=checkpoint.every_steps, keep=checkpoint.keep,
@@ -222,7 +224,10 @@ def prepare(*, seed: int, init_from: str, model: ModelSpec, data: DataSpec,
     # else: resuming from the workdir's own checkpoint; the start point is not needed.
   if not paths.is_remote(source):
     source = os.path.abspath(source)
-  ck.model_source = source
+  if init_kind == "init_from (checkpoint)":  # the HF source is the base, not what trained
+    Qwen2_5_VLConfig.check_rope_convention(
+        model.rope_convention, checkpointing.recorded_rope_convention(init_from), init_from)
+  ck.model_source, ck.rope_convention = source, model.rope_convention
   tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
   ledger = errors.SkipLedger()
   classes = list(annotations.load_class_file(data.class_file)) if data.class_file else None
@@ -233,7 +238,8 @@ def prepare(*, seed: int, init_from: str, model: ModelSpec, data: DataSpec,
   options = dataclasses.replace(data.options, labels=tuple(classes))
   opts = RuntimeOptions(dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat,
                         attention_impl=model.attention_impl)
-  net = qwen2_5_vl.from_pretrained(source, mesh=mesh, opts=opts)
+  net = qwen2_5_vl.from_pretrained(source, mesh=mesh, opts=opts,
+                                   rope_convention=model.rope_convention)
   need = chat.required_vocab_size(tokenizer)
   if need > net.config.text.vocab_size:
     net = qwen2_5_vl.resize_token_embeddings(net, need, seed=seed)

@@ -125,7 +125,8 @@ def run(cfg: TracesRun, *, workdir: str, mesh) -> dict[str, Any]:
         f"(temperature {cfg.sampling.temperature}, up to {cfg.sampling.max_new_tokens} "
         f"tokens) -> {path}", flush=True)
   model, tokenizer = two_stage.load_model(cfg.policy, labels, dtype=cfg.model.dtype, mesh=mesh,
-                                          seed=cfg.seed, tokens=cfg.data.special_tokens)
+                                          seed=cfg.seed, tokens=cfg.data.special_tokens,
+                                          rope_convention=cfg.model.rope_convention)
   stats = two_stage.write_traces(model, tokenizer, records, path, options=options,
                                  cfg=cfg.sampling, num_traces=cfg.num_traces)
   del model

@@ -67,8 +67,9 @@ def _ours_kw(cfg, ids, mask, hf):
   kw = dict(pixel_values=hf["pixel_values"], pixel_values_videos=hf["pixel_values_videos"],
             image_layout=vision.vision_layout(hf["image_grid_thw"], cfg.vision),
             video_layout=vision.vision_layout(hf["video_grid_thw"], cfg.vision))
-  kw["position_ids"], _ = rope.get_rope_index(cfg, ids, mask, hf["image_grid_thw"],
-                                              hf["video_grid_thw"], hf["second_per_grid_ts"])
+  kw["position_ids"], _ = rope.get_rope_index(  # the installed transformers' (>= 5.3) rule
+      cfg, ids, mask, hf["image_grid_thw"], hf["video_grid_thw"], hf["second_per_grid_ts"],
+      convention="transformers_5.3")
   return kw
 
 

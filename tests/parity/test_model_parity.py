@@ -26,7 +26,10 @@ def tiny_config(tied: bool = False) -> Qwen2_5_VLConfig:
       text=TextConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 2, 2),
                       tie_word_embeddings=tied),
-      image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
+      image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE,
+      # the reference is the installed transformers (>= 5.3): its rope rule, so that the
+      # model's own host positions (eager) match it too.
+      rope_convention="transformers_5.3")
 
 
 # ------------------------------------------------------------------ structure (no torch)

@@ -1,4 +1,14 @@
-"""get_rope_index parity with transformers' Qwen2_5_VLModel.get_rope_index."""
+"""get_rope_index parity for each rope rule the config offers (rope.CONVENTIONS):
+
+* "transformers_5.3" against the installed transformers' `Qwen2_5_VLModel.get_rope_index`
+  (>= 5.3: the text after a vision chunk starts at `start + max(h, w) / merge`);
+* "qwen" against `_qwen_reference`, a transcription written here of the original Qwen2.5-VL
+  `get_rope_index` (transformers 4.49-4.51, which vLLM follows): vision-start scanning,
+  one past the chunk's largest position, a float32 time tensor truncated by `.long()`;
+* "transformers_5.2" against the same transcription with the seconds per grid cast to int64
+  first, as transformers 4.52-5.2 do.
+"""
+import functools
 import types
 
 import numpy as np
@@ -56,9 +66,61 @@ def _batch(seqs, side):
   return ids, mask
 
 
-def _check(cfg, ids, mask, img, vid, spg):
-  pos, deltas = get_rope_index(cfg, ids, mask, img, vid, spg)
-  ref_pos, ref_deltas = _hf(cfg, ids, mask, img, vid, spg)
+def _qwen_reference(cfg, ids, mask, img, vid, spg, *, int_seconds=False):
+  """Original Qwen2.5-VL rule (torch), one row at a time over its real tokens. Returns
+  positions [3, B, T] (padding 1) and deltas [B] as max + 1 - real tokens (the original
+  subtracts the padded row length; decoding here counts real tokens only)."""
+  ids_t = torch.as_tensor(np.asarray(ids, np.int64))
+  mask_t = torch.ones_like(ids_t) if mask is None else torch.as_tensor(np.asarray(mask))
+  img_t = None if img is None else torch.as_tensor(np.asarray(img, np.int64))
+  vid_t = None if vid is None else torch.as_tensor(np.asarray(vid, np.int64))
+  spg_t = None if spg is None else torch.as_tensor(np.asarray(spg, np.float32))
+  m, tps = cfg.vision.spatial_merge_size, cfg.vision.tokens_per_second
+  pos = torch.ones(3, *ids_t.shape, dtype=torch.int64)
+  deltas, n_img, n_vid = [], 0, 0
+  for b in range(ids_t.shape[0]):
+    row = ids_t[b][mask_t[b] == 1]
+    toks = row.tolist()
+    starts = torch.nonzero(row == VS).flatten()
+    kinds = row[starts + 1].tolist()
+    pieces, st = [], 0
+    for kind in kinds:
+      ed = toks.index(kind, st)
+      if kind == IMG:
+        (t, h, w), seconds = img_t[n_img].tolist(), torch.tensor(0.0)
+        n_img += 1
+      else:
+        (t, h, w) = vid_t[n_vid].tolist()
+        seconds = torch.tensor(1.0) if spg_t is None else spg_t[n_vid]
+        n_vid += 1
+      if int_seconds:
+        seconds = seconds.to(torch.int64)
+      gh, gw = h // m, w // m
+      base = pieces[-1].max() + 1 if pieces else 0
+      pieces.append(torch.arange(ed - st).view(1, -1).expand(3, -1) + base)
+      time = (torch.arange(t).view(-1, 1).expand(-1, gh * gw) * seconds * tps).long().flatten()
+      hh = torch.arange(gh).view(1, -1, 1).expand(t, -1, gw).flatten()
+      ww = torch.arange(gw).view(1, 1, -1).expand(t, gh, -1).flatten()
+      pieces.append(torch.stack([time, hh, ww]) + (ed - st) + base)
+      st = ed + t * gh * gw
+    if st < len(toks):
+      base = pieces[-1].max() + 1 if pieces else 0
+      pieces.append(torch.arange(len(toks) - st).view(1, -1).expand(3, -1) + base)
+    flat = torch.cat(pieces, dim=1)
+    pos[:, b, mask_t[b] == 1] = flat
+    deltas.append(int(flat.max()) + 1 - len(toks))
+  return pos.numpy(), np.asarray(deltas)
+
+
+def _check_rule(cfg, ids, mask, img, vid, spg, convention):
+  pos, deltas = get_rope_index(cfg, ids, mask, img, vid, spg, convention=convention)
+  if convention == "transformers_5.3":
+    ref_pos, ref_deltas = _hf(cfg, ids, mask, img, vid, spg)
+  else:
+    ref_pos, ref_deltas = _qwen_reference(cfg, ids, mask, img, vid, spg,
+                                          int_seconds=convention == "transformers_5.2")
+    if convention == "transformers_5.2":  # its padded positions are 0, not 1
+      ref_pos = np.where(np.asarray(mask if mask is not None else 1) == 0, 0, ref_pos)
   assert pos.dtype == np.int32 and deltas.dtype == np.int32
   assert pos.shape == (3,) + ids.shape and deltas.shape == (ids.shape[0],)
   np.testing.assert_array_equal(pos, ref_pos)
@@ -66,9 +128,14 @@ def _check(cfg, ids, mask, img, vid, spg):
   return pos, deltas
 
 
-def test_named_cases():
+RULES = ("qwen", "transformers_5.2", "transformers_5.3")
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_named_cases(rule):
   rng = np.random.default_rng(0)
   cfg = _config()
+  _check = functools.partial(_check_rule, convention=rule)
   # text only, with and without padding
   ids = rng.integers(0, 1000, (2, 7))
   _check(cfg, ids, None, None, None, None)
@@ -92,14 +159,16 @@ def test_named_cases():
     _check(cfg, ids, mask, img, vid, [0.5, 1.0, 1.3333334])
   # several grids in one run of pad tokens (no separator) are split by their sizes
   ids = np.array([[5] + [IMG] * 2 + [IMG] * 6 + [7]])
-  pos, _ = get_rope_index(cfg, ids, None, [(1, 2, 4), (1, 4, 6)])
+  pos, _ = get_rope_index(cfg, ids, None, [(1, 2, 4), (1, 4, 6)], convention=rule)
   np.testing.assert_array_equal(pos[1, 0, 3:9], [3, 3, 3, 4, 4, 4])
 
 
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("tps", [2.0, 1.5])
-def test_fuzz(tps):
+def test_fuzz(tps, rule):
   rng = np.random.default_rng(int(tps * 10))
   cfg = _config(tps)
+  _check = functools.partial(_check_rule, convention=rule)
   for _ in range(25):
     b = int(rng.integers(1, 4))
     seqs, img, vid, spg = [], [], [], []
@@ -119,12 +188,14 @@ def test_fuzz(tps):
     _check(cfg, ids, mask, img or None, vid or None, spg if vid and rng.random() < 0.8 else None)
 
 
-def test_qwen_convention():
+def test_rules_differ_after_a_long_video():
   cfg = _config()
+  assert cfg.rope_convention == "qwen"  # the default: the original code's and vLLM's rule
   # video (t=3, 2x1 merged) at 2 s per grid: temporal positions 0, 4, 8 exceed the spatial 2.
   ids = np.array([[9, 9] + [VID] * 6 + [9, 9]])
-  hf_pos, hf_d = get_rope_index(cfg, ids, None, None, [(3, 4, 2)], [2.0])
-  qw_pos, qw_d = get_rope_index(cfg, ids, None, None, [(3, 4, 2)], [2.0], convention="qwen")
+  hf_pos, hf_d = get_rope_index(cfg, ids, None, None, [(3, 4, 2)], [2.0],
+                                convention="transformers_5.3")
+  qw_pos, qw_d = get_rope_index(cfg, ids, None, None, [(3, 4, 2)], [2.0])
   np.testing.assert_array_equal(qw_pos[:, 0, :8], hf_pos[:, 0, :8])
   np.testing.assert_array_equal(qw_pos[0, 0, 2:8], [2, 2, 6, 6, 10, 10])
   np.testing.assert_array_equal(hf_pos[0, 0, 8:], [4, 5])  # start + max(h, w)/m
@@ -134,9 +205,16 @@ def test_qwen_convention():
   ids = np.array([[0, 9] + [IMG] * 4 + [9]])
   mask = np.array([[0, 1, 1, 1, 1, 1, 1]])
   qw, _ = get_rope_index(cfg, ids, mask, [(1, 4, 4)], convention="qwen")
-  hf, _ = get_rope_index(cfg, ids, mask, [(1, 4, 4)])
+  hf, _ = get_rope_index(cfg, ids, mask, [(1, 4, 4)], convention="transformers_5.3")
   assert qw[0, 0, 0] == 1 and hf[0, 0, 0] == 0
   np.testing.assert_array_equal(qw[:, :, 1:], hf[:, :, 1:])
+  # 1.125 s per grid (8 of 9 frames at 2 fps): "qwen" keeps the fraction, 5.2 truncates it
+  ids = np.array([[9] + [VID] * 5 + [9]])  # 5 temporal steps of one merged token
+  for rule, want in (("qwen", [0, 1, 3, 5, 7, 10, 11]),
+                     ("transformers_5.2", [0, 1, 3, 5, 7, 9, 10]),
+                     ("transformers_5.3", [0, 1, 3, 5, 7, 10, 2])):
+    pos, _ = get_rope_index(cfg, ids, None, None, [(5, 2, 2)], [1.125], convention=rule)
+    np.testing.assert_array_equal(pos[0, 0, :], want, err_msg=rule)
 
 
 def test_mismatch_errors():

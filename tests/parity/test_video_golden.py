@@ -61,6 +61,28 @@ def test_matches_golden(path):
   np.testing.assert_allclose(stats(pv), g["stats"], rtol=1e-5)
 
 
+def test_odd_frame_folder_gives_the_processors_pixels(tmp_path):
+  """One source, the same pixels: a folder of 5 lossless frames goes through our sampling
+  (every frame of an odd count is kept) and preprocessing and must give what transformers'
+  video processor made of all 5 frames (the golden file; it repeats the last frame to fill
+  the temporal patch, giving 3 temporal steps)."""
+  import cv2
+
+  from deepintuit_jax.data.video import load_video
+  with np.load(os.path.join(GOLDEN_DIR, "video_240x320_t5_odd_t.npz"), allow_pickle=False) as z:
+    g = {k: z[k] for k in z.files}
+  frames = golden_frames(5, 240, 320)
+  for i, f in enumerate(frames):
+    cv2.imwrite(str(tmp_path / f"frame_{i}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+  clip = load_video(str(tmp_path), max_frames=32)
+  np.testing.assert_array_equal(clip.frames, frames)
+  pv, grid = preprocess_video(clip.frames, min_pixels=int(g["min_pixels"]),
+                              max_pixels=int(g["max_pixels"]))
+  np.testing.assert_array_equal(grid, g["grid_thw"])
+  assert grid[0] == 3
+  np.testing.assert_array_equal(pv[g["rows"]], g["pixel_rows"])
+
+
 @pytest.mark.torchvision
 def test_live_processor_random_frames():
   pytest.importorskip("torchvision")

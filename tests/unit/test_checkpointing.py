@@ -123,11 +123,13 @@ def test_model_source_is_recorded_beside_the_first_save(tmp_path):
   _, state, _, _ = _state()
   work = tmp_path / "run"
   ck = checkpointing.Checkpointer(str(work / "checkpoints"), every_steps=1)
-  ck.model_source = "/models/base"
+  ck.model_source, ck.rope_convention = "/models/base", "transformers_5.3"
   assert checkpointing.recorded_source(str(work)) is None
+  assert checkpointing.recorded_rope_convention(str(work)) is None
   assert ck.save(state, {}, force=True)
   ck.wait()
   assert checkpointing.recorded_source(str(work)) == "/models/base"
+  assert checkpointing.recorded_rope_convention(str(work)) == "transformers_5.3"
   assert checkpointing.recorded_source(str(work / "checkpoints")) == "/models/base"
   ck.model_source = "/models/other"  # the record is the first save's, not overwritten
   ck.save(state.replace(step=state.step + 1), {}, force=True)

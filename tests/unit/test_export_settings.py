@@ -93,3 +93,22 @@ def test_processor_files_carry_the_training_settings(tmp_path):
   assert sorted(os.listdir(bare)) == ["preprocessor_config.json"]
   assert AutoImageProcessor.from_pretrained(bare, local_files_only=True).size["longest_edge"] \
       == 50176
+
+
+def test_the_export_records_its_rope_rule_and_a_load_asking_another_is_refused(tmp_path):
+  """The rule travels with the model: save_pretrained writes it into config.json,
+  from_pretrained reads it back; asking for another one is a one-line ConfigError naming the
+  key to set (a stage would otherwise run the model under positions it was not trained
+  with); a directory without a record (a stock checkpoint) takes any rule."""
+  from deepintuit_jax.errors import ConfigError
+  from deepintuit_jax.models import qwen2_5_vl
+  base = testing.write_tiny_checkpoint(str(tmp_path / "base"))
+  model = qwen2_5_vl.from_pretrained(base, rope_convention="transformers_5.3")
+  assert model.config.rope_convention == "transformers_5.3"  # no record in the stock dir
+  out = hf_save.save_pretrained(model, str(tmp_path / "hf"))
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["deepintuit_rope_convention"] == "transformers_5.3"
+  assert qwen2_5_vl.from_pretrained(out).config.rope_convention == "transformers_5.3"
+  with pytest.raises(ConfigError, match=r"--config.model.rope_convention=transformers_5.3"):
+    qwen2_5_vl.from_pretrained(out, rope_convention="qwen")
+  assert qwen2_5_vl.from_pretrained(base).config.rope_convention == "qwen"

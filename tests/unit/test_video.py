@@ -9,7 +9,8 @@ import pytest
 from deepintuit_jax.data import errors, video_decode
 from deepintuit_jax.data.errors import BadSample
 from deepintuit_jax.data.video import (UNSUPPORTED_FORMAT, load_video, natural_key,
-                                       sample_indices_fps, sample_indices_release)
+                                       preprocess_video, sample_indices_fps,
+                                       sample_indices_release)
 
 
 def colour(i: int) -> np.ndarray:
@@ -44,10 +45,10 @@ def frame_numbers(frames: np.ndarray, candidates: int) -> np.ndarray:
     (7, 4, [0, 2, 4, 6]),
     (11, 3, [0, 5, 10]),
     (9, 4, [0, 2, 5, 8]),            # 0, 2.67, 5.33, 8 floored
-    (5, 32, [0, 1, 2, 3]),           # odd count: drop the last
+    (5, 32, [0, 1, 2, 3, 4]),        # odd count: all (preprocessing repeats the last)
     (6, 32, [0, 1, 2, 3, 4, 5]),
     (32, 32, list(range(32))),
-    (1, 32, [0, 0]),                 # single frame duplicated
+    (1, 32, [0]),
 ])
 def test_release_rule(n, max_frames, want):
   np.testing.assert_array_equal(sample_indices_release(n, max_frames), want)
@@ -109,8 +110,9 @@ def test_mp4_grab_and_fps_sampling(long_mp4):
 def test_short_avi_odd_count(tmp_path):
   path = write_mp4(tmp_path / "short.avi", 7, fps=10.0, fourcc="MJPG")
   clip = load_video(path)
-  np.testing.assert_array_equal(clip.indices, [0, 1, 2, 3, 4, 5])
-  np.testing.assert_array_equal(frame_numbers(clip.frames, 7), [0, 1, 2, 3, 4, 5])
+  np.testing.assert_array_equal(clip.indices, [0, 1, 2, 3, 4, 5, 6])
+  np.testing.assert_array_equal(frame_numbers(clip.frames, 7), [0, 1, 2, 3, 4, 5, 6])
+  assert clip.fps == pytest.approx(10.0)  # every frame: the source's rate, as a server sees
 
 
 def test_bad_seek_falls_back_to_sequential(long_mp4, monkeypatch):
@@ -138,12 +140,17 @@ def test_zip_natural_order_and_size_unification(tmp_path):
   assert clip.num_source_frames == 12
 
 
-def test_folder_single_frame_duplicated(tmp_path):
+def test_folder_single_frame_fills_the_temporal_patch(tmp_path):
   (tmp_path / "f").mkdir()
   cv2.imwrite(str(tmp_path / "f" / "img_0001.jpg"), np.full((16, 24, 3), 200, np.uint8))
   clip = load_video(str(tmp_path / "f"))
-  assert clip.frames.shape == (2, 16, 24, 3)
-  np.testing.assert_array_equal(clip.indices, [0, 0])
+  assert clip.frames.shape == (1, 16, 24, 3)
+  np.testing.assert_array_equal(clip.indices, [0])
+  # preprocessing repeats it: the same patches as the frame given twice
+  one, grid = preprocess_video(clip.frames, min_pixels=56 * 56, max_pixels=200704)
+  two, _ = preprocess_video(clip.frames[[0, 0]], min_pixels=56 * 56, max_pixels=200704)
+  assert grid[0] == 1  # one temporal step
+  np.testing.assert_array_equal(one, two)
 
 
 # ---------------------------------------------------------------- bad input

@@ -14,7 +14,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from deepintuit_jax.errors import ConfigError
 from deepintuit_jax.models.qwen2_5_vl.attention import check_impl
+from deepintuit_jax.models.qwen2_5_vl.rope import CONVENTIONS as ROPE_CONVENTIONS
+
+# config.json key recording the rope rule a model was trained with (`rope.CONVENTIONS`);
+# transformers and vLLM keep unknown keys and ignore this one. Absent: "qwen".
+ROPE_CONVENTION_KEY = "deepintuit_rope_convention"
 
 ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 MODEL_TYPE = "qwen2_5_vl"
@@ -135,8 +141,14 @@ class Qwen2_5_VLConfig:
   vision_end_token_id: int = 151653
   bos_token_id: int | None = 151643
   eos_token_id: int | None = 151645
+  # Where the text after a video starts in the 3D rope positions (rope.py): "qwen" (the
+  # original Qwen2.5-VL code and vLLM), "transformers_5.2" or "transformers_5.3".
+  rope_convention: str = "qwen"
 
   def __post_init__(self):
+    if self.rope_convention not in ROPE_CONVENTIONS:
+      raise ValueError(f"rope_convention {self.rope_convention!r} not one of "
+                       f"{ROPE_CONVENTIONS}")
     if self.vision.out_hidden_size != self.text.hidden_size:
       raise ValueError(
           f"vision.out_hidden_size {self.vision.out_hidden_size} != text.hidden_size "
@@ -190,10 +202,14 @@ class Qwen2_5_VLConfig:
       raise ValueError(f"{source}: missing required key {e.args[0]!r}") from None
     ids = {k: d.get(k, t.get(k)) for k in (
         "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    rule = d.get(ROPE_CONVENTION_KEY) or "qwen"
+    if rule not in ROPE_CONVENTIONS:
+      raise ValueError(f"{source}: {ROPE_CONVENTION_KEY} {rule!r} not one of {ROPE_CONVENTIONS}")
     return cls(vision=vision, text=text,
                **{k: int(x) for k, x in ids.items() if x is not None},
                bos_token_id=t.get("bos_token_id", 151643),
-               eos_token_id=t.get("eos_token_id", 151645))
+               eos_token_id=t.get("eos_token_id", 151645),
+               rope_convention=rule)
 
   def to_hf_dict(self, *, torch_dtype: str = "float32") -> dict[str, Any]:
     t, v = self.text, self.vision
@@ -233,7 +249,8 @@ class Qwen2_5_VLConfig:
         vision_start_token_id=self.vision_start_token_id,
         vision_end_token_id=self.vision_end_token_id,
         tie_word_embeddings=t.tie_word_embeddings,
-        torch_dtype=torch_dtype)
+        torch_dtype=torch_dtype,
+        **{ROPE_CONVENTION_KEY: self.rope_convention})
 
   @classmethod
   def from_json_file(cls, path: str) -> "Qwen2_5_VLConfig":
@@ -243,6 +260,26 @@ class Qwen2_5_VLConfig:
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     return cls.from_hf_dict(d, source=path)
+
+  @staticmethod
+  def recorded_rope_convention(path: str) -> str | None:
+    """The rope rule the HF directory `path` records (our exports do), else None (a stock
+    checkpoint, or an export written before the rule was recorded)."""
+    f = os.path.join(path, "config.json")
+    try:
+      with open(f) as fh:
+        return json.load(fh).get(ROPE_CONVENTION_KEY)
+    except (OSError, ValueError, AttributeError):
+      return None
+
+  @staticmethod
+  def check_rope_convention(wanted: str, recorded: str | None, what: str) -> None:
+    """A `ConfigError` when `what` (a model directory or checkpoints) records another rope
+    rule than `wanted`: its numbers were trained with that one."""
+    if recorded and recorded != wanted:
+      raise ConfigError(
+          f"{what} was trained with rope convention {recorded!r}, this run asks for "
+          f"{wanted!r}: pass --config.model.rope_convention={recorded} to use it as trained")
 
   @classmethod
   def from_pretrained_dir(cls, path: str) -> "Qwen2_5_VLConfig":

@@ -140,7 +140,7 @@ def resolve_options(dtype: Any, param_dtype: Any, opts: RuntimeOptions | None) -
 
 def from_pretrained(path: str, dtype: Any = jnp.bfloat16, mesh: Mesh | None = None, *,
                     param_dtype: Any = None, opts: RuntimeOptions | None = None,
-                    rules=sharding_lib.DEFAULT_RULES):
+                    rules=sharding_lib.DEFAULT_RULES, rope_convention: str | None = None):
   """Loads a Hugging Face Qwen2.5-VL directory (config.json + safetensors) into `Qwen2_5_VL`.
 
   Args:
@@ -153,6 +153,9 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, mesh: Mesh | None = No
       a 7B model in 16 GB). Pass jnp.float32 for fp32 master weights when training.
     opts: full RuntimeOptions (remat, attention kernel); overrides dtype / param_dtype.
     rules: logical-axis -> mesh-axis rules.
+    rope_convention: the rope rule of the model's config (`rope.CONVENTIONS`); None = the
+      one config.json records ("qwen" when it records none). A `ConfigError` when
+      config.json records another one.
   Returns:
     the model; `model.hf_source_dir` remembers `path` for save_pretrained's file copies.
   Raises:
@@ -163,6 +166,10 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, mesh: Mesh | None = No
   if not os.path.isdir(path):
     raise InputNotFound(f"{path}: not a directory")
   config = Qwen2_5_VLConfig.from_pretrained_dir(path)
+  if rope_convention is not None:
+    Qwen2_5_VLConfig.check_rope_convention(
+        rope_convention, Qwen2_5_VLConfig.recorded_rope_convention(path), path)
+    config = config.replace(rope_convention=rope_convention)
   opts = resolve_options(dtype, param_dtype, opts)
   table = _open_tensors(path)
   model = hf_io.abstract_model(config, opts)

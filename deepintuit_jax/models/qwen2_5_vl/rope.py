@@ -5,23 +5,28 @@ Text tokens get the same position on all three axes, increasing by one. A run of
 merged tokens whose positions are `start + (t_pos, row, col)`; for videos
 `t_pos = int(t_index * second_per_grid_t * tokens_per_second)` (float32, truncated).
 
-Two conventions differ in where the text after a vision chunk starts and in the value of
-padded positions:
-* "transformers" (default): transformers>=5 `Qwen2_5_VLModel.get_rope_index` (what our
-  parity tests compare with): the next position is `start + max(h, w) / m`; padding 0.
-* "qwen": the original Qwen2.5-VL / vLLM rule: the next position is one past the largest
-  position of the chunk (differs for videos whose scaled temporal extent exceeds their
-  spatial one); padding 1.
-Both return `rope_deltas = max(position) + 1 - number of real tokens`, so that decoding
-continues at `cache_position + rope_deltas`.
+Three rules are in use for where the text after a vision chunk starts (they differ for a
+video whose scaled temporal extent exceeds its spatial one: every 32-frame clip at 2 fps):
+* "qwen" (the default, `Qwen2_5_VLConfig.rope_convention`): the original Qwen2.5-VL code
+  (transformers 4.49-4.51) and vLLM: one past the largest position of the chunk; padding 1.
+* "transformers_5.2" (transformers 4.52-5.2): as "qwen", but each video's seconds per grid
+  are truncated to a whole number first (0.5 s -> 0, 1.125 s -> 1); padding 0.
+* "transformers_5.3" (transformers >= 5.3): the next position is `start + max(h, w) / m`;
+  padding 0.
+All return `rope_deltas = max(position) + 1 - number of real tokens`, so that decoding
+continues at `cache_position + rope_deltas`. Only NumPy is imported (serving helpers use
+this module next to torch), so the config is duck-typed.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from deepintuit_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+if TYPE_CHECKING:
+  from deepintuit_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 
-CONVENTIONS = ("transformers", "qwen")
+CONVENTIONS = ("qwen", "transformers_5.2", "transformers_5.3")
 _TEXT, _IMAGE, _VIDEO = 0, 1, 2
 
 
@@ -77,7 +82,7 @@ def _grid_positions(grid: np.ndarray, merge: int, interval) -> np.ndarray:
 
 def get_rope_index(config: Qwen2_5_VLConfig, input_ids, attention_mask=None,
                    image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None,
-                   *, convention: str = "transformers") -> tuple[np.ndarray, np.ndarray]:
+                   *, convention: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """3D rope positions of a batch (host side).
 
   Args:
@@ -86,11 +91,13 @@ def get_rope_index(config: Qwen2_5_VLConfig, input_ids, attention_mask=None,
     attention_mask: [B, T] (1 = real token) or None (all real); left or right padding.
     image_grid_thw / video_grid_thw: [n, 3] grids, in order of appearance over the batch.
     second_per_grid_ts: [n_videos] seconds per temporal grid (default 1.0 each).
-    convention: "transformers" (default) or "qwen"; see the module docstring.
+    convention: one of CONVENTIONS (module docstring); None = `config.rope_convention`.
   Returns:
-    position_ids [3, B, T] int32 (padded positions 0, or 1 with "qwen"), rope_deltas [B]
+    position_ids [3, B, T] int32 (padded positions 1 with "qwen", else 0), rope_deltas [B]
     int32.
   """
+  if convention is None:
+    convention = config.rope_convention
   if convention not in CONVENTIONS:
     raise ValueError(f"convention {convention!r} not one of {CONVENTIONS}")
   ids = np.asarray(input_ids)
@@ -125,13 +132,15 @@ def get_rope_index(config: Qwen2_5_VLConfig, input_ids, attention_mask=None,
         interval = None
         if kind == _VIDEO:
           spg = np.float32(1.0) if g.seconds is None else g.seconds[i]
+          if convention == "transformers_5.2":  # cast to the int64 of the index tensor
+            spg = np.trunc(spg)
           interval = np.float32(tps * spg)
         block = _grid_positions(g.grid[i], merge, interval) + cur
         chunks.append(block)
-        if convention == "qwen":
-          cur = int(block.max()) + 1
-        else:
+        if convention == "transformers_5.3":
           cur += int(max(g.grid[i, 1], g.grid[i, 2])) // merge
+        else:
+          cur = int(block.max()) + 1
     if chunks:
       flat = np.concatenate(chunks, axis=1)
       positions[:, row, real] = flat
