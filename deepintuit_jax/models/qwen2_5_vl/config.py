@@ -26,7 +26,7 @@ ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 MODEL_TYPE = "qwen2_5_vl"
 
 
-REMAT_POLICIES = ("none", "full", "offload", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +35,8 @@ class RuntimeOptions:
 
   dtype: compute dtype of activations and matmuls (bf16 for training).
   param_dtype: storage dtype of the parameters (fp32 master weights by default).
-  remat: per decoder / vision block; "none", "full" (save nothing), "offload" (as full, but
-    each decoder layer's input is kept in host memory, not on the accelerator: TPU / GPU)
-    or the name of a `jax.checkpoint_policies` policy ("dots_saveable", ...).
+  remat: per decoder / vision block; "none", "full" (save nothing) or the name of a
+    `jax.checkpoint_policies` policy ("dots_saveable", ...).
   attention_impl: attention backend (models/qwen2_5_vl/attention.py): None / "" / "auto"
     (cuDNN flash on GPU where it applies, Pallas splash on TPU, blockwise elsewhere),
     "blockwise" (online softmax over key/value blocks, pure XLA), "cudnn", "pallas", or

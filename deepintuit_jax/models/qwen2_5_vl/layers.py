@@ -92,19 +92,9 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(self.dtype) * y
 
 
-LAYER_INPUT = "decoder_layer_input"  # the name the decoder scan gives each layer's input
-
-
 def remat_policy(remat: str):
-  """The `jax.checkpoint` policy of a RuntimeOptions.remat name ("full" = save nothing;
-  "offload": save nothing on the device, each decoder layer's input in pinned host memory)."""
-  if remat == "full":
-    return None
-  if remat == "offload":
-    return jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
-        offload_src="device", offload_dst="pinned_host")
-  return getattr(jax.checkpoint_policies, remat)
+  """The `jax.checkpoint` policy of a RuntimeOptions.remat name ("full" = save nothing)."""
+  return None if remat == "full" else getattr(jax.checkpoint_policies, remat)
 
 
 def maybe_remat(fn, remat: str):

@@ -23,13 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from deepintuit_jax import sharding as sharding_lib
 from deepintuit_jax.models.qwen2_5_vl import attention as attn_lib
 from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions, TextConfig
-from deepintuit_jax.models.qwen2_5_vl.layers import (LAYER_INPUT, Embed, Linear, RMSNorm,
-                                                    maybe_remat, remat_policy)
+from deepintuit_jax.models.qwen2_5_vl.layers import (Embed, Linear, RMSNorm, maybe_remat,
+                                                    remat_policy)
 
 # Logical axes of each cache array (for sharding a cache with `sharding.logical_to_spec`).
 CACHE_KV_AXES = ("batch", "length", "kv_heads", "head_dim")
@@ -430,7 +429,6 @@ class TextModel(nnx.Module):
                            *[nnx.state(layer) for layer in self.layers])
 
     def body(x, state):
-      x = checkpoint_name(x, LAYER_INPUT)  # remat "offload" keeps it in host memory
       if not mesh.empty:
         state = _gather_fsdp(state, mesh)
       y, _ = nnx.merge(graphdef, state)(x, cos, sin, att)
