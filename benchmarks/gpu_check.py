@@ -22,7 +22,7 @@ and the others still run); `--out` gets every figure as JSON; the exit code is 1
   full, bf16 compute, fp32 AdamW; benchmarks/sft_step.py), MFU against the device's dense
   bf16 peak (sft_step.peak_flops; on CPU a measured matmul). Floor 20% on GPU.
 * peak_memory: `peak_bytes_in_use` after that step against XLA's estimate of the same
-  compiled step (arguments + temporaries + outputs - aliased, launch/aot_check.py): the
+  compiled step (arguments + temporaries + outputs - aliased, launch/aot_memory.py): the
   ratio must lie in [0.8, 1.2]. No memory statistics (CPU): the estimate only.
 * decode_roofline: greedy decode tokens/s of the 3B model in bf16 (8 prompts x G = 8,
   512-token prompts, 256 new tokens; benchmarks/rollout.py) against the HBM bound: rows /
@@ -48,7 +48,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import attention_check, parity_check, rollout, sft_step  # noqa: E402
-from launch import aot_check  # noqa: E402
+from launch import aot_memory  # noqa: E402
 
 # HBM bandwidth in bytes/s by a substring of jax's device_kind (first match wins).
 HBM_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12))
@@ -134,7 +134,7 @@ def check_sft(prof: Profile) -> list[Result]:
   # One compile for the estimate and the timed program.
   compiled = step.jitted.lower(state, micro).compile(prof.compiler_options)
   compile_s = time.perf_counter() - t0
-  mem = aot_check.memory_figures(compiled)
+  mem = aot_memory.memory_figures(compiled)
   seconds, state, metrics = sft_step.time_steps(compiled, state, micro, *prof.sft_steps)
   flops = sft_step.model_flops(cfg, b, layout)
   peak, peak_src = sft_step.peak_flops("bfloat16", 0.0)
@@ -149,7 +149,7 @@ def check_sft(prof: Profile) -> list[Result]:
     stats = _device().memory_stats() or {}
   except Exception:  # some backends raise instead of returning None
     stats = {}
-  estimate = aot_check.peak_estimate(mem) if mem else float("nan")
+  estimate = aot_memory.peak_estimate(mem) if mem else float("nan")
   figs = dict(mem or {}, estimate_bytes=estimate)
   if "peak_bytes_in_use" not in stats:
     return out + [Result("peak_memory", estimate / 2**30, "GiB estimated (no measured peak)",

@@ -23,13 +23,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import sys
 import time
 from typing import Any, Callable
 
 # Runnable as `python launch/aot_check.py` from anywhere: the repository root on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from launch.aot_memory import (  # noqa: E402  (the figures and their reading)
+    bytes_per_device, oom_figures, breakdown, largest_buffers, memory_figures,
+    peak_estimate, report, suggestions)
 
 GiB = 2 ** 30
 
@@ -276,135 +279,6 @@ STEPS: dict[str, Callable[..., Built]] = {
 }
 
 
-# ----------------------------------------------------------------------------- analysis
-def _bytes_per_device(tree, shardings) -> int:
-  import jax
-  import numpy as np
-  leaves = jax.tree.leaves(tree)
-  sh = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-  return sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
-             for x, s in zip(leaves, sh))
-
-
-def layer_residual_bytes(cfg, opts, rows: int, seq: int, remat: str) -> int:
-  """Bytes one decoder layer keeps for its backward, for `rows` x `seq` tokens on one
-  device: traced with `jax.vjp` under `jax.eval_shape` (nothing allocated), minus the
-  layer's own parameters (held anyway). remat "full": the layer input only."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import nnx
-  from deepintuit_jax.models.qwen2_5_vl import text as text_lib
-  from deepintuit_jax.models.qwen2_5_vl.layers import remat_policy
-  d = cfg.text.hidden_size
-  if remat == "full":
-    return rows * seq * d * jnp.dtype(opts.dtype).itemsize
-  layer = nnx.eval_shape(lambda: text_lib.DecoderLayer(cfg.text, opts, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(layer)
-  hd = cfg.text.head_dim
-  seg = jnp.ones((rows, seq), jnp.int32)
-
-  def residuals(state, x, cos, sin):
-    att = text_lib.AttentionInputs(
-        q_segments=seg, kv_segments=seg, q_positions=None, valid=seg > 0,
-        impl=text_lib.attn_lib.resolve_impl(opts.attention_impl, dtype=opts.dtype,
-                                            head_dim=hd, causal_text=True),
-        block=opts.attention_block)
-    f = lambda st, x: nnx.merge(graphdef, st)(x, cos, sin, att)[0]
-    if remat != "none":
-      f = jax.checkpoint(f, policy=remat_policy(remat))
-    return jax.vjp(f, state, x)[1]
-
-  shapes = jax.eval_shape(residuals, state, jax.ShapeDtypeStruct((rows, seq, d), opts.dtype),
-                          *[jax.ShapeDtypeStruct((rows, seq, hd), jnp.float32)] * 2)
-  params = [(tuple(x.shape), np.dtype(x.dtype)) for x in jax.tree.leaves(state)]
-  total = 0
-  for x in jax.tree.leaves(shapes):
-    key = (tuple(x.shape), np.dtype(x.dtype))
-    if key in params:
-      params.remove(key)
-      continue
-    total += int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-  return total
-
-
-def breakdown(args, cfg, opts, mesh, built: Built) -> dict[str, float]:
-  """Analytic per-device GiB: what is held for the whole step and the largest transients."""
-  import jax.numpy as jnp
-  st, sh = built.state, built.shardings
-  rows, seq = built.rows_per_device, built.seq_len
-  t, v = cfg.text, cfg.vision
-  layers = t.num_hidden_layers
-  dt = jnp.dtype(opts.dtype).itemsize
-  tensor = mesh.shape["tensor"]
-  params = _bytes_per_device(st.params, sh.params)
-  per_layer = layer_residual_bytes(cfg, opts, rows, seq, args.remat)
-  mlp = t.intermediate_size // tensor
-  layer_params = (4 * t.hidden_size * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
-  out = {
-      "parameters (trainable, fp32)": params,
-      "parameters (frozen)": _bytes_per_device(st.frozen, sh.frozen),
-      "optimizer state": _bytes_per_device(st.opt_state, sh.opt_state),
-      "gradients": params * (2 if args.accum > 1 else 1),
-      f"saved activations ({layers} layers x {per_layer / GiB:.2f} GiB, remat "
-      f"{args.remat})": layers * per_layer,
-  }
-  transients = {
-      "one layer's backward (recompute + gathered weights and their gradients)":
-          layer_residual_bytes(cfg, opts, rows, seq, "none") + layer_params * (dt + 4) // tensor,
-      f"loss chunk ({args.loss_chunk} tokens x vocab, fp32 logits + gradient)":
-          3 * (args.loss_chunk or rows * seq) * t.vocab_size * 4 // tensor,
-      "vision block (patches x (3 * width + 3 * mlp))":
-          built.patches_per_device * (3 * v.hidden_size + 3 * v.intermediate_size) * dt,
-      "MLP activations of one layer": 3 * rows * seq * mlp * 4,
-  }
-  return out, transients
-
-
-def memory_figures(compiled) -> dict[str, int] | None:
-  """XLA's per-device bytes of a compiled program (`memory_analysis()`): arguments, outputs,
-  temporaries, aliased (outputs written into donated arguments); None where the backend
-  gives none."""
-  m = compiled.memory_analysis()
-  if m is None:
-    return None
-  return {k: int(getattr(m, k, 0) or 0) for k in (
-      "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-      "alias_size_in_bytes")}
-
-
-def peak_estimate(mem: dict[str, int]) -> int:
-  """Bytes live at once while the program runs: arguments + temporaries + outputs, less
-  the outputs that reuse donated argument buffers (what a device allocator should peak at)."""
-  return (mem["argument_size_in_bytes"] + mem["temp_size_in_bytes"]
-          + mem["output_size_in_bytes"] - mem["alias_size_in_bytes"])
-
-
-def report(out, transients, mem) -> list[str]:
-  held = sum(out.values())
-  name, peak = max(transients.items(), key=lambda kv: kv[1])
-  lines = ["analytic per device (GiB):"]
-  lines += [f"  {k:<70s} {b / GiB:8.2f}" for k, b in out.items()]
-  lines += [f"  largest transient: {k:<51s} {b / GiB:8.2f}"
-            for k, b in sorted(transients.items(), key=lambda kv: -kv[1])[:1]]
-  lines += [f"    (other transients: " + ", ".join(
-      f"{k.split(' (')[0]} {b / GiB:.2f}" for k, b in transients.items() if k != name) + ")"]
-  lines.append(f"  {'total (held + largest transient)':<70s} {(held + peak) / GiB:8.2f}")
-  if mem is not None:
-    lines.append(f"  {'XLA: arguments + temporaries':<70s} "
-                 f"{(mem['argument_size_in_bytes'] + mem['temp_size_in_bytes']) / GiB:8.2f}")
-  top = max(out, key=out.get)
-  hint = ("raise fsdp (the mesh's second axis) or freeze more" if "param" in top or
-          "optimizer" in top or "gradient" in top else
-          "use --remat=full, or fewer sequences per device (smaller micro-batch, more "
-          "--accum)" if "saved" in top else "")
-  if peak > out[top]:
-    hint = ("lower --loss_chunk" if "loss" in name else
-            "fewer rows per device, or tensor parallelism (mesh third axis)")
-  lines.append(f"  dominant: {top if out[top] >= peak else name} -> {hint}")
-  return lines
-
-
 def _mesh(args):
   """The mesh of the run checked: over a TPU slice's compile-only devices (--topology, its
   data axis x --num_slices over DCN), N fake CPU devices, or this machine's devices."""
@@ -428,89 +302,12 @@ def _mesh(args):
   return sharding_lib.make_mesh(shape, devices=devices or jax.devices()), spec
 
 
-_NUM = r"([\d.]+)([KMGT]?)"
-# XLA:TPU's two CompileTimeHbmOom messages: temporaries alone over the chip, or all of it.
-_OOM_TEMPS = re.compile(r"HLO temporaries \(" + _NUM + r"\).*available HBM \(" + _NUM + r"\)", re.S)
-_OOM_USED = re.compile(r"Used " + _NUM + r" of " + _NUM + r" hbm")
-
-
-def _oom_figures(err: Exception) -> dict[str, int] | None:
-  """XLA:TPU refuses at compile time a program that cannot fit (CompileTimeHbmOom); its
-  message names what it needed (the temporaries, or everything) and the HBM it had."""
-  unit = lambda u: 1024 ** "_KMGT".index(u or "_")  # noqa: E731
-  for pattern, key in ((_OOM_TEMPS, "temp_size_in_bytes"), (_OOM_USED, "used_bytes")):
-    m = pattern.search(str(err))
-    if m:
-      return {key: int(float(m.group(1)) * unit(m.group(2))),
-              "hbm_bytes": int(float(m.group(3)) * unit(m.group(4)))}
-  return None
-
-
-_SIZE = re.compile(r"^\s*\S+\(\s*\d+%\);\s*([\d.]+)([KMGT]?i?B);\s*\d+;\s*(\d+);\s*(.*)$")
-
-
-def largest_buffers(dump_dir: str, n: int) -> list[str]:
-  """The n largest allocations of the device's memory space in XLA's memory-usage report
-  of the last compiled program (`--xla_dump_to`): size, values sharing it, shapes."""
-  import glob
-  reports = sorted(glob.glob(os.path.join(dump_dir, "*memory-usage-report.txt")),
-                   key=os.path.getmtime)
-  if not reports:
-    return ["(no memory-usage report: this XLA backend does not write one)"]
-  rows = []
-  with open(reports[-1]) as f:
-    for line in f:
-      if line.startswith("Memory Space:") and "default" not in line:
-        break
-      m = _SIZE.match(line)
-      if m:
-        unit = 1024 ** "BKMGT".index(m.group(2)[0]) if m.group(2) != "B" else 1
-        rows.append((float(m.group(1)) * unit, int(m.group(3)), m.group(4)))
-  rows.sort(key=lambda r: -r[0])
-  return [f"  {size / 2 ** 20:9.1f} MiB  {shapes[:140]}" + (" (shared by %d values)" % k if k > 1
-                                                      else "") for size, k, shapes in rows[:n]]
-
-
 def _attention_name(opts, mesh) -> str:
   from deepintuit_jax import sharding as sharding_lib
   from deepintuit_jax.models.qwen2_5_vl import attention
   impl = attention.resolve_impl(opts.attention_impl, dtype=opts.dtype, head_dim=128,
                                 causal_text=True, platform=sharding_lib.mesh_platform(mesh))
   return {"pallas": "splash", "cudnn": "cudnn flash"}.get(impl, impl)
-
-
-def suggestions(args, mesh, built: Built, total: int, hbm: int) -> list[str]:
-  """What could fit, estimated from `total` (the analytic held + largest transient where
-  there is one: XLA:TPU's CompileTimeHbmOom figure overstates the temporaries, e.g. 17.8
-  GiB for the 7B SFT step on v5e-8 where the same per-device program compiled for v5p-16
-  takes 8.8): the sharded train state and
-  its gradients shrink with more fsdp devices, activations with fewer rows per device, one
-  layer's gathered weights with tensor parallelism. Each comes with the command that checks
-  it (XLA's figures under pressure are not additive: compile it)."""
-  import numpy as np
-  out = []
-  held = (_bytes_per_device(built.state, built.shardings)
-          + _bytes_per_device(built.state.params, built.shardings.params))  # + gradients
-  n = int(np.prod(list(mesh.shape.values())))
-  fsdp = mesh.shape["fsdp"]
-  for more in (2, 4, 8, 16):
-    if total - held + held / more <= hbm:
-      chips = (f"--topology={args.topology.split('-')[0]}-{int(args.topology.split('-')[1]) * more}"
-               if args.topology else f"{n * more} devices")
-      out.append(f"{chips} --batch={args.batch * more} (fsdp x{more}: the train state and "
-                 f"gradients {held / GiB:.1f} -> {held / more / GiB:.1f} GiB per device)")
-      break
-  if built.rows_per_device > 1:
-    out.append(f"--batch={args.batch // 2} --accum={2 * args.accum} (half the activations per "
-               "device, the same global batch)")
-  if args.remat != "full":
-    out.append("--remat=full (keep only each layer's input for the backward)")
-  if mesh.shape["tensor"] == 1 and fsdp % 2 == 0:
-    out.append(f"--mesh=1,{fsdp // 2},2 --batch={max(args.batch // 2, 1)} (tensor parallelism "
-               "splits each layer's gathered weights, their gradients and the MLP activations)")
-  if not out:
-    out.append("a chip with more HBM, or fewer trainable parameters (--frozen)")
-  return out
 
 
 def check(args, cfg, opts, mesh, spec, name: str) -> dict:
@@ -536,7 +333,7 @@ def check(args, cfg, opts, mesh, spec, name: str) -> dict:
   try:
     compiled = built.lowered.compile()
   except Exception as e:  # noqa: BLE001
-    oom = _oom_figures(e)
+    oom = oom_figures(e)
     if oom is None:
       raise
     out.update(oom, compile_seconds=round(time.perf_counter() - t0, 1))
@@ -545,7 +342,7 @@ def check(args, cfg, opts, mesh, spec, name: str) -> dict:
       print(f"XLA:TPU refused it (CompileTimeHbmOom): {oom['used_bytes'] / GiB:.2f} GiB "
             f"needed > {oom['hbm_bytes'] / GiB:.2f} GiB HBM")
     else:
-      out["total_bytes"] = _bytes_per_device(built.state, built.shardings) + oom[
+      out["total_bytes"] = bytes_per_device(built.state, built.shardings) + oom[
           "temp_size_in_bytes"]
       print(f"XLA:TPU refused it (CompileTimeHbmOom): temporaries "
             f"{oom['temp_size_in_bytes'] / GiB:.2f} GiB > {oom['hbm_bytes'] / GiB:.2f} GiB HBM")
@@ -569,7 +366,7 @@ def check(args, cfg, opts, mesh, spec, name: str) -> dict:
   if "analytic_bytes" in out:
     print("\n".join(report(held, transients, out if "argument_size_in_bytes" in out else None)))
   if args.buffers:
-    print(f"largest buffers (XLA's buffer assignment, per device):")
+    print("largest buffers (XLA's buffer assignment, per device):")
     print("\n".join(largest_buffers(args.dump_dir, args.buffers)))
   hbm = int((args.hbm_gib or (spec.hbm_gib if spec else 0)) * GiB)
   where = (args.topology + (f" x{args.num_slices}" if args.num_slices > 1 else "")

@@ -6,7 +6,6 @@ transformers is fed this project's pixel values (`--transformers_input=pixels`; 
 processor's by tests/parity/test_video_golden.py), its prompt ids and seconds per grid, with
 its rope rule patched to the export's. The vLLM half is run by hand (docs/serving.md).
 """
-import importlib.util
 import json
 import os
 
@@ -19,16 +18,12 @@ pytest.importorskip("transformers")
 from deepintuit_jax.data import synthetic  # noqa: E402
 from deepintuit_jax.models import qwen2_5_vl, tiny_base  # noqa: E402
 from deepintuit_jax.models.qwen2_5_vl import hf_save  # noqa: E402
+from tests.scripts import load_script  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _script():
-  spec = importlib.util.spec_from_file_location(
-      "serve_check", os.path.join(ROOT, "scripts", "serve_check.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_script("scripts", "serve_check.py")
 
 
 def _split(root, n_frames=(7, 16)):

@@ -5,13 +5,13 @@ Golden files were written by scripts/make_video_golden.py from transformers' rea
 a stored checksum). A live comparison runs too when torchvision is importable.
 """
 import glob
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
 from deepintuit_jax.data.video import preprocess_image, preprocess_video
+from tests.scripts import load_script  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOLDEN_DIR = os.path.join(ROOT, "tests", "data", "golden")
@@ -21,11 +21,7 @@ FILES = sorted(glob.glob(os.path.join(GOLDEN_DIR, "*.npz")))
 def _golden_script():
   """scripts/make_video_golden.py (NumPy only at import): the frame formula and the summary
   statistics the golden files were written with; its stored checksum detects drift."""
-  spec = importlib.util.spec_from_file_location(
-      "make_video_golden", os.path.join(ROOT, "scripts", "make_video_golden.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_script("scripts", "make_video_golden.py")
 
 
 _SCRIPT = _golden_script()

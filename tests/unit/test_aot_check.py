@@ -6,17 +6,13 @@ import sys
 
 import jax
 import pytest
+from tests.scripts import load_script  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load():
-  spec = importlib.util.spec_from_file_location("aot_check", os.path.join(ROOT, "launch",
-                                                                          "aot_check.py"))
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules["aot_check"] = mod  # dataclasses look their module up there
-  spec.loader.exec_module(mod)
-  return mod
+  return load_script("launch", "aot_check.py")
 
 
 def test_tiny_step_compiles_on_a_2x2x2_mesh():
@@ -116,15 +112,15 @@ def test_reads_both_of_xla_tpus_out_of_memory_messages():
   """XLA:TPU refuses a program too large for the chip in one of two ways (both seen from
   libtpu 0.0.50.1): the check reads the figures out of either."""
   m = _load()
-  used = m._oom_figures(RuntimeError(
+  used = m.oom_figures(RuntimeError(
       "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out "
       "of memory in memory space hbm. Used 15.83G of 15.75G hbm. Exceeded hbm capacity by "
       "83.03M."))
   assert abs(used["used_bytes"] - 16_997_333_074) <= 1
   assert abs(used["hbm_bytes"] - 16_911_433_728) <= 1
-  temps = m._oom_figures(RuntimeError(
+  temps = m.oom_figures(RuntimeError(
       "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total "
       "memory required for HLO temporaries (17.78G) exceeds available HBM (15.75G). HLO "
       "module: jit__step."))
   assert abs(temps["temp_size_in_bytes"] - 19_091_129_630) <= 1
-  assert m._oom_figures(RuntimeError("INTERNAL: something else")) is None
+  assert m.oom_figures(RuntimeError("INTERNAL: something else")) is None

@@ -1,23 +1,17 @@
 """launch/sweep.py: grid expansion, command lists, skipping finished runs, the results table."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shlex
-import sys
 
 import pytest
+from tests.scripts import load_script  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load():
-  spec = importlib.util.spec_from_file_location("sweep", os.path.join(ROOT, "launch", "sweep.py"))
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules["sweep"] = mod  # dataclasses look their module up there
-  spec.loader.exec_module(mod)
-  return mod
+  return load_script("launch", "sweep.py")
 
 
 sweep = _load()

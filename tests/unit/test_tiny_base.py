@@ -1,7 +1,6 @@
 """The tiny base: its builder on a reduced budget, and the hook the embedded default uses."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -9,16 +8,12 @@ import numpy as np
 import pytest
 
 from deepintuit_jax.models import testing, tiny_base
+from tests.scripts import load_script  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _builder():
-  spec = importlib.util.spec_from_file_location(
-      "build_tiny_base", os.path.join(ROOT, "scripts", "build_tiny_base.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_script("scripts", "build_tiny_base.py")
 
 
 def test_base_config_rotates_height_and_width():
