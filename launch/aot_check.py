@@ -1,22 +1,20 @@
-"""Ahead-of-time check of a train step: does it compile on this mesh, and what does each
-device hold? Runs on any machine (no weights, no data, no accelerator needed), from the
+"""Ahead-of-time check of every program of a run: does it compile for this slice or mesh,
+and does it fit? Runs on any machine (no weights, no data, no accelerator needed), from the
 repository root:
 
-    python launch/aot_check.py --size=7b --mesh=1,8,1 --batch=8 --frames=32 --side=448 \
-        --text=1024 --remat=full --fake_devices=8
+    python launch/aot_check.py --topology=v5p-16 --size=7b --batch=8 --frames=32 \
+        --side=448 --text=1024 --remat=full --step=sft
 
 The model, optimizer state and a grouped batch (the shapes the data pipeline would yield:
 `--batch` sequences of `--text` text tokens plus one `--frames`-frame video of `--side` x
-`--side` pixels each) are built abstractly (`jax.eval_shape`; nothing is allocated), the
-jitted step is lowered with the trainer's shardings under the mesh (`jax.set_mesh`),
-compiled, and its per-device memory (arguments, outputs, temporaries) and FLOPs printed,
-next to an analytic breakdown (parameters, optimizer state, gradients, saved activations
-per layer, the largest transients) that says what dominates and what to change. With
-`--fake_devices=N` the check runs on N host CPU devices standing in for the accelerators
-(see README, "Memory": how XLA:CPU's figures relate to GPU / TPU ones).
-
-Steps: `--step=sft` or `--step=grpo`; a step is one entry of STEPS returning a `Built`
-(GRPO rollout + update and calibration plug in the same way).
+`--side` pixels each) are built abstractly (`jax.eval_shape`; nothing is allocated), each
+program of `--step` (STEPS: the SFT step, the GRPO update, the rollout sampler, the
+calibration step) is lowered with the trainer's shardings under the mesh (`jax.set_mesh`)
+and compiled: with `--topology` by XLA:TPU for that TPU slice (libtpu; launch/tpu_topologies
+.py), with `--fake_devices=N` on N host CPU devices (docs/accelerators.md, "XLA:CPU fake
+devices"), else on this machine's devices. Per device it prints XLA's memory (arguments,
+outputs, temporaries), an analytic breakdown (launch/aot_memory.py) and a verdict line per
+program; the exit code is 0 only when every program fits.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from deepintuit_jax.trainers.stage import CheckpointSpec, DataSpec, ModelSpec
 # formed, against 62-94% at 0.7, so most groups carried no signal); lr 1e-5 (at 1e-4, on the
 # same prompts and keys, the rollouts' format reward fell over 16 steps, 0.88 -> 0.75, the
 # entropy rose 0.14 -> 0.18 and held-out close accuracy fell 0.92 -> 0.74; at 1e-5 they hold).
-# Measured from the chain's SFT export; README "GRPO" (what to expect).
+# Measured from the chain's SFT export; docs/guide.md "GRPO" (what to expect).
 RELEASE = dict(learning_rate=1e-6, warmup_steps=10, epochs=20, num_steps=0, group_size=8,
                prompts_per_rollout=64, mini_batch_prompts=32, max_response_tokens=2048,
                max_frames=32, max_pixels=200704, max_new_tokens=2048, every_steps=50,

@@ -38,7 +38,7 @@ from deepintuit_jax.trainers.stage import CheckpointSpec, DataSpec, ModelSpec
 from deepintuit_jax.trainers.step import TrainStep
 
 # What "-1" / "auto" in configs/imitation.py resolve to (the frames are SFT's, see
-# sft_stage.RELEASE / TINY; README "Imitation baseline" says why the rest).
+# sft_stage.RELEASE / TINY; docs/guide.md "Imitation baseline" says why the rest).
 RELEASE = dict(learning_rate=5e-5, epochs=10, batch_size=64, weight_decay=0.05, max_frames=32,
                max_pixels=200704, every_steps=500, head_width=512, head_depth=2, head_heads=8)
 TINY = dict(learning_rate=3e-4, epochs=10, batch_size=8, weight_decay=0.0, max_frames=8,
