@@ -20,10 +20,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+DATA_AXES = ("data", "fsdp")  # the data-parallel ones: a batch's rows (or groups) split over them
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", DATA_AXES),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -163,7 +164,7 @@ SHARED_KEYS: tuple[str, ...] = ("pixel_values_videos", "video_layout", "pixel_va
 
 def data_parallel_size(mesh: Mesh) -> int:
   """Devices along the data-parallel axes ("data" x "fsdp")."""
-  return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+  return int(np.prod([mesh.shape[a] for a in DATA_AXES if a in mesh.shape]))
 
 
 def context_mesh():
@@ -209,7 +210,7 @@ _GROUP_AXES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
 def _dp_axes(mesh, n: int, taken: Sequence[str] = ()) -> tuple[str, ...]:
   """The data-parallel axes of `mesh` (size > 1, not in `taken`) whose product divides n;
   () when they do not divide it (the caller then replicates)."""
-  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and a not in taken
+  axes = tuple(a for a in DATA_AXES if a in mesh.axis_names and a not in taken
                and mesh.shape[a] > 1)
   size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
   return axes if n % size == 0 else ()
@@ -243,7 +244,7 @@ def row_axes(mesh, rows: int) -> tuple[str, ...]:
 def local_data_groups(mesh: Mesh) -> int:
   """How many data-parallel shards (distinct ("data", "fsdp") coordinates) this process's
   devices hold: the number of groups its batches should have."""
-  axes = [i for i, name in enumerate(mesh.axis_names) if name in ("data", "fsdp")]
+  axes = [i for i, name in enumerate(mesh.axis_names) if name in DATA_AXES]
   me = jax.process_index()
   coords = {tuple(idx[i] for i in axes) for idx in np.ndindex(mesh.devices.shape)
             if mesh.devices[idx].process_index == me}
