@@ -33,7 +33,8 @@ from configs import common
 # The results table lists the models of each step's eval report in this order.
 STEPS = (("imitation_scratch", "configs.imitation", "scratch"),
          ("imitation", "configs.imitation", ""), ("sft", "configs.sft", ""),
-         ("grpo", "configs.grpo", ""), ("traces", "configs.traces", ""),
+         ("grpo", "configs.grpo", ""), ("grpo_control", "configs.grpo", "control"),
+         ("traces", "configs.traces", ""),
          ("calibrate", "configs.calibrate", ""), ("calibrate_hidden", "configs.calibrate", "hidden"),
          ("infer", "configs.infer", ""))
 

@@ -6,7 +6,9 @@
         --config.model.checkpoint=/path/Qwen2.5-VL-7B-Instruct --config.init_from=/runs/sft7b \
         --config.data.train_file=stage1_train.json --config.data.eval_files=test=test.json
 
-Arg variants (`--config=configs/grpo.py:real`): `real` forces the release's recipe
+Arg variants (`--config=configs/grpo.py:real`, combined with commas): `control` the
+frozen-policy control (rollouts and rewards of the starting policy on the same prompts and
+keys, no update, no export: the baseline of the reward curves); `real` forces the release's recipe
 (otherwise it applies whenever model.checkpoint is set); `pulse` a few-iteration smoke run
 on a smaller generated benchmark, starting from the built-in tiny model itself (init_from
 "none"; pass --config.init_from to start from an SFT run).
@@ -22,7 +24,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, real=False, pulse=False)
+  args = common.parse_arg(arg, real=False, pulse=False, control=False)
   c = ml_collections.ConfigDict()
   c.stage = "grpo"
   c.seed = 42
@@ -76,9 +78,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dynamic_sampling=False,  # drop groups whose rewards are all equal, refill
       max_refills=2,          # extra prompt batches drawn per rollout at most
       logp_chunk=1024,        # tokens per chunk of the log-prob passes (0 = unchunked)
+      control=False,          # the frozen-policy control: roll out and score the same prompts
+                              # with the same keys, never update (`:control`)
   ))
   if args.real:
     c.recipe = "release"
+  if args.control:  # its rewards are the baseline of a GRPO run's reward curves
+    c.grpo.control = True
+    c.checkpoint.export = False
+    c.data.eval_files = "none"
   if args.pulse:
     c.init_from = "none"
     c.train.num_steps = 4

@@ -144,3 +144,30 @@ def add_to_tensorboard(writer, results: Mapping[str, Mapping[str, Mapping[str, A
   if k and hasattr(writer, "flush"):
     writer.flush()
   return k
+
+
+def curves_figure(runs: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+                  keys: Sequence[str], *, title: str = "", window: int = 4):
+  """One panel per metric key; per run its (steps, values) as light points and a trailing
+  mean over `window` points as a line (runs in the order given; a run without a key is left
+  out of that panel)."""
+  fig = _figure(4.2 * len(keys), 3.4)
+  for i, key in enumerate(keys):
+    ax = fig.add_subplot(1, len(keys), i + 1)
+    for j, (name, series) in enumerate(runs.items()):
+      if key not in series:
+        continue
+      x, y = (np.asarray(v, np.float64) for v in series[key])
+      colour = f"C{j}"
+      ax.plot(x, y, "o", color=colour, alpha=0.25, markersize=3)
+      smooth = np.array([y[max(0, k - window + 1):k + 1].mean() for k in range(len(y))])
+      ax.plot(x, smooth, "-", color=colour, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_title(key, fontsize=9)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return fig

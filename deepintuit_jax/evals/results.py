@@ -91,12 +91,17 @@ def to_markdown(rows: Sequence[Mapping[str, Any]], *, close: str, open_: str) ->
 
 
 def write_results(workdir: str, rows: Sequence[Mapping[str, Any]], *, close: str,
-                  open_: str) -> dict[str, str]:
-  """results.md and results.json ({"close_split", "open_split", "rows"}), atomically."""
+                  open_: str, sections: Mapping[str, tuple[str, Any]] | None = None
+                  ) -> dict[str, str]:
+  """results.md and results.json ({"close_split", "open_split", "rows"}), atomically.
+  sections: name -> (markdown appended to results.md, value stored under name in the JSON)."""
   md, js = os.path.join(workdir, RESULTS_MD), os.path.join(workdir, RESULTS_JSON)
-  for path, text in ((md, to_markdown(rows, close=close, open_=open_)),
-                     (js, json.dumps({"close_split": close, "open_split": open_,
-                                      "rows": list(rows)}, indent=1) + "\n")):
+  sections = dict(sections or {})
+  text_md = "\n".join([to_markdown(rows, close=close, open_=open_)]
+                      + [m for m, _ in sections.values() if m])
+  data = {"close_split": close, "open_split": open_, "rows": list(rows)}
+  data.update({name: v for name, (_, v) in sections.items()})
+  for path, text in ((md, text_md), (js, json.dumps(data, indent=1) + "\n")):
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
       f.write(text)

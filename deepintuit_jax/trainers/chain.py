@@ -23,11 +23,13 @@ from typing import Any, Callable, Mapping
 import jax
 
 from deepintuit_jax import lease, preflight
+from deepintuit_jax.evals import curves
 from deepintuit_jax.evals import results as results_lib
 
 DONE = "stage_done.json"
 SHARED_TOP = ("seed", "recipe")
 CALIBRATOR_NAMES = {"label_token": "label token", "hidden_state": "hidden-state head"}
+CURVE_NAMES = {"grpo": "GRPO", "grpo_control": "frozen control"}  # else the step's name
 # Data keys copied from the chain into every step that has them (train files stay per step).
 SHARED_DATA_KEYS = ("eval_files", "class_file", "video_root", "on_bad_sample", "max_frames",
                     "max_pixels", "min_pixels", "sampling", "num_workers", "special_tokens",
@@ -139,7 +141,12 @@ def run(c, *, workdir: str, mesh, stages: Mapping[str, Callable]) -> dict[str, A
   reports = results_lib.collect_reports(workdir, steps)
   rows = results_lib.results_rows(reports, close=c.close_split, open_=c.open_split)
   if is_main:
-    paths = results_lib.write_results(workdir, rows, close=c.close_split, open_=c.open_split)
+    grpo_runs = {CURVE_NAMES.get(s, s): os.path.join(workdir, s, "metrics.jsonl")
+                 for s in steps if c[s].stage == "grpo"}
+    summary = curves.write_reward_curves(workdir, grpo_runs)
+    paths = results_lib.write_results(
+        workdir, rows, close=c.close_split, open_=c.open_split,
+        sections={"grpo_rewards": (curves.markdown(summary), summary["runs"])})
     with open(paths["markdown"]) as f:
       print(f.read(), flush=True)
     print(f"[chain] finished in {time.perf_counter() - t_chain:.0f} s this run; results in "

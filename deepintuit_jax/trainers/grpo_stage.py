@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from deepintuit_jax.data import chat, pipeline
-from deepintuit_jax.evals import generation
+from deepintuit_jax.evals import curves, generation
 from deepintuit_jax.trainers import loop, optim, stage
 from deepintuit_jax.trainers.grpo import learner as learner_lib
 from deepintuit_jax.trainers.stage import CheckpointSpec, DataSpec, ModelSpec
@@ -98,7 +98,7 @@ def from_config(c) -> GRPORun:
       clip_high=clip(g.clip_high), dual_clip=g.dual_clip, tis_cap=g.tis_cap,
       kl_coef=g.kl_coef, kl_kind=g.kl_kind, entropy_coef=g.entropy_coef,
       dynamic_sampling=g.dynamic_sampling, max_refills=g.max_refills,
-      rewards=parse_rewards(g.rewards), logp_chunk=g.logp_chunk)
+      rewards=parse_rewards(g.rewards), logp_chunk=g.logp_chunk, control=g.control)
   num_steps = pick(c.train.num_steps, "num_steps")
   epochs = pick(c.train.epochs, "epochs")
   if num_steps <= 0 and epochs <= 0:
@@ -179,6 +179,9 @@ def run(cfg: GRPORun, *, workdir: str, mesh) -> dict[str, Any]:
     finally:
       batches.close()
     loader.set_state(batches.data_state)  # rewind the read-ahead
+    if jax.process_index() == 0:
+      curves.write_reward_curves(workdir, {"GRPO control" if g.control else "GRPO":
+                                           os.path.join(workdir, "metrics.jsonl")})
     return stage.finish(state, graphdef=graphdef, setup=setup, data_state=loader.get_state(),
                         evaluate=evaluate, writer=writer, skip_metrics=loader.skip_metrics(),
                         export_to=os.path.join(workdir, "hf") if cfg.checkpoint.export else None)

@@ -60,7 +60,8 @@ def test_shared_keys_reach_every_step_and_stay_locked():
   for name in steps:
     sub = chain.step_config(c, name, steps, "/w")
     assert sub.model.checkpoint == "/models/qwen" and sub.seed == c.seed
-    assert sub.data.eval_files == ("none" if name in ("sft", "grpo") else c.data.eval_files)
+    assert sub.data.eval_files == ("none" if name in ("sft", "grpo", "grpo_control")
+                                    else c.data.eval_files)
     with pytest.raises(AttributeError):
       sub.not_a_key = 1
   assert chain.step_config(c, "sft", steps, "/w").data.train_file == "/d/coldstart.json"

@@ -70,7 +70,8 @@ def test_rollout_stats_by_hand():
               advantages=np.array([1.0, -1.0, 0.0, 0.0]),
               **{"reward/format": np.array([1.0, 0.0, 1.0, 1.0]),
                  "reward/accuracy": np.array([1.0, 0.0, 0.0, 0.0])})
-  got = collective.rollout_stats(rows)
+  got = collective.rollout_stats(rows, 2)
+  assert got["groups_all_equal"] == 0.5  # group 0 (2, 0) varies, group 1 (1, 1) does not
   # mean 1, population variance (1 + 1 + 0 + 0) / 4 = 0.5
   assert got["reward_mean"] == 1.0 and got["reward_std"] == pytest.approx(0.5 ** 0.5)
   assert got["response_length_mean"] == 5.0 and got["response_length_max"] == 8.0
@@ -156,3 +157,32 @@ def test_split_prompts_of_a_grouped_batch_equals_the_flat_one():
     np.testing.assert_array_equal(b["pixel_values_videos"], p["pixel_values_videos"])
     np.testing.assert_array_equal(a["pixel_values_videos"], p["pixel_values_videos"])
     assert b["item_id"] == p["item_id"]
+
+
+def test_logprob_mismatch_by_hand():
+  # Row 0 has 2 tokens, row 1 one; the rest is padding and must be ignored.
+  rollout = np.log(np.array([[0.5, 0.25, 0.9], [0.8, 0.01, 0.01]]))
+  learner = np.log(np.array([[0.5, 0.5, 0.1], [0.6, 0.9, 0.9]]))
+  got = collective.logprob_mismatch(rollout, learner, np.array([2, 1]))
+  # |dp| = 0, 0.25, 0.2 -> mean 0.15, max 0.25
+  assert got["rollout_probs_diff_mean"] == pytest.approx(0.15)
+  assert got["rollout_probs_diff_max"] == pytest.approx(0.25)
+  # Pearson's r of the three valid tokens' probabilities, from its definition
+  p, q = np.array([0.5, 0.25, 0.8]), np.array([0.5, 0.5, 0.6])
+  pc, qc = p - p.mean(), q - q.mean()
+  assert got["rollout_actor_probs_pearson_corr"] == pytest.approx(
+      (pc @ qc) / np.sqrt((pc @ pc) * (qc @ qc)))
+  same = collective.logprob_mismatch(rollout, rollout, np.array([2, 1]))
+  assert same["rollout_probs_diff_max"] == 0.0
+  assert same["rollout_actor_probs_pearson_corr"] == pytest.approx(1.0)
+
+
+def test_logprob_mismatch_sums_over_processes():
+  a = np.log(np.array([[0.5, 0.5]]))
+  b = np.log(np.array([[0.4, 0.5]]))
+
+  def fake(x):  # process 1 holds the same sums as process 0, and a max twice as large
+    return np.stack([x, x * (2.0 if x.size == 1 else 1.0)])
+  got = collective.logprob_mismatch(a, b, np.array([2]), allgather=fake)
+  assert got["rollout_probs_diff_mean"] == pytest.approx(0.05)  # (0.1 + 0) / 2, both halves
+  assert got["rollout_probs_diff_max"] == pytest.approx(0.2)

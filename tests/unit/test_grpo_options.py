@@ -219,7 +219,11 @@ def test_dynamic_sampling_keeps_varied_groups_and_refills_up_to_the_bound(start,
   r = total.reshape(-1, G)
   assert (r.max(1) > r.min(1)).all()  # recomputed from the kept rows' rewards
   np.testing.assert_array_equal(total, [1, 0, 1, 0])
-  np.testing.assert_allclose(m["reward_mean"], 0.5)
+  # The trained batch's rewards are batch_*; the headline ones are every sampled response's
+  # (flat0, v1, v2, flat1: 2 rewarded responses of 4 * G), the policy's unbiased figures.
+  np.testing.assert_allclose(m["batch_reward_mean"], 0.5)
+  np.testing.assert_allclose(m["reward_mean"], 2 / (4 * G))
+  assert (m["batch_groups_all_equal"], m["groups_all_equal"]) == (0.0, 0.5)
   (mb,) = rec.steps[-1][1]
   assert (np.abs(np.asarray(mb["advantages"])) > 0.5).all()  # every row carries signal
 

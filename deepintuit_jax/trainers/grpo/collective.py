@@ -63,12 +63,16 @@ def reduce_scalars(values: dict[str, float], how: dict[str, str],
   return {n: float(ops[how[n]](got[:, i])) for i, n in enumerate(names)}
 
 
-def rollout_stats(rows: dict[str, np.ndarray]) -> dict[str, float]:
+def rollout_stats(rows: dict[str, np.ndarray], group_size: int) -> dict[str, float]:
   """The rollout metrics of the (gathered) per-response arrays: total [N] rewards,
-  `reward/<name>` components [N], lengths [N], truncated [N] bool, advantages [N]."""
+  `reward/<name>` components [N], lengths [N], truncated [N] bool, advantages [N] (N whole
+  groups of `group_size`, in prompt order). `groups_all_equal`: the share of groups whose
+  rewards are all equal, which carry no signal (zero advantage under every estimator)."""
   total, lengths = rows["total"], rows["lengths"].astype(np.float64)
   adv = rows["advantages"]
+  by_group = total.reshape(-1, group_size)
   out = dict(reward_mean=float(total.mean()), reward_std=float(total.std()),
+             groups_all_equal=float(np.mean(by_group.max(1) == by_group.min(1))),
              response_length_mean=float(lengths.mean()),
              response_length_max=float(lengths.max()),
              response_truncated=float(np.mean(rows["truncated"])),
@@ -78,8 +82,37 @@ def rollout_stats(rows: dict[str, np.ndarray]) -> dict[str, float]:
   for name, v in rows.items():
     if name.startswith("reward/"):
       out[name] = float(np.mean(v))
-  if "reward/format" in rows:
-    out["format_rate"] = out["reward/format"]
-  if "reward/accuracy" in rows:
-    out["accuracy"] = out["reward/accuracy"]
+  out.update(reward_aliases(out))
   return out
+
+
+def reward_aliases(stats: dict[str, float]) -> dict[str, float]:
+  """`format_rate` and `accuracy`: the names the eval reports use, for the release's rewards."""
+  return {alias: stats[k] for alias, k in (("format_rate", "reward/format"),
+                                           ("accuracy", "reward/accuracy")) if k in stats}
+
+
+def logprob_mismatch(rollout_logp: np.ndarray, learner_logp: np.ndarray, lengths: np.ndarray,
+                     allgather: Allgather = process_allgather) -> dict[str, float]:
+  """How far the sampler's per-token probabilities of the responses are from the learner's
+  for the same tokens and parameters (verl's rollout-vs-actor check): `rollout_probs_diff_mean`
+  / `_max` (|p_rollout - p_learner| over every response token of every process) and
+  `rollout_actor_probs_pearson_corr`. Both sides score the tempered distribution, so only
+  float noise (bf16 logits) may separate them; a larger gap means off-policy rollouts.
+  rollout_logp / learner_logp [R, L]; lengths [R] (tokens past a row's length are ignored)."""
+  mask = np.arange(rollout_logp.shape[1])[None, :] < np.asarray(lengths)[:, None]
+  p = np.exp(np.asarray(rollout_logp, np.float64)[mask])
+  q = np.exp(np.asarray(learner_logp, np.float64)[mask])
+  d = np.abs(p - q)
+  sums = np.asarray([p.size, d.sum(), p.sum(), q.sum(), (p * p).sum(), (q * q).sum(),
+                     (p * q).sum()], np.float64)
+  got = allgather(sums).reshape(-1, sums.size).sum(0)
+  top = float(allgather(np.asarray([d.max() if d.size else 0.0])).max())
+  n, dsum, sp, sq, spp, sqq, spq = got
+  if n == 0:
+    return dict(rollout_probs_diff_mean=0.0, rollout_probs_diff_max=0.0,
+                rollout_actor_probs_pearson_corr=1.0)
+  cov = spq / n - (sp / n) * (sq / n)
+  var = (spp / n - (sp / n) ** 2) * (sqq / n - (sq / n) ** 2)
+  return dict(rollout_probs_diff_mean=float(dsum / n), rollout_probs_diff_max=top,
+              rollout_actor_probs_pearson_corr=float(cov / np.sqrt(var)) if var > 0 else 1.0)

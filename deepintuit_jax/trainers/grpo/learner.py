@@ -66,6 +66,7 @@ class GRPOConfig:
   max_refills: int = 2
   rewards: tuple[tuple[str, float], ...] = (("format", 1.0), ("accuracy", 1.0))
   logp_chunk: int = 1024
+  control: bool = False  # roll out and score only, never update (the frozen-policy control)
 
   def __post_init__(self):
     micro = self.micro_batch_prompts or self.mini_batch_prompts
@@ -232,18 +233,20 @@ class GRPOLearner:
 
   def _sample(self, state: TrainState, batch: dict):
     """Rollout + rewards, with dynamic sampling when on. Returns (rollout, total rewards,
-    components, groups kept, groups sampled, prompt batches drawn); counts are this
-    process's. With several processes each fills its own share of the batch from its own
-    prompts (the same count on every process), refilling while any process is short."""
+    components, groups kept, groups sampled, prompt batches drawn, every sampled row's
+    (total, components)); counts are this process's. With several processes each fills its
+    own share of the batch from its own prompts (the same count on every process), refilling
+    while any process is short. The control never refills (it trains on nothing)."""
     ro = self._rollout(state, batch, 0)
     total, parts = self._score(ro)
-    if not self.cfg.dynamic_sampling:
-      return ro, total, parts, ro.num_prompts, ro.num_prompts, 1
+    if not self.cfg.dynamic_sampling or self.cfg.control:
+      return ro, total, parts, ro.num_prompts, ro.num_prompts, 1, (total, parts)
     g = self.cfg.group_size
     want = ro.num_prompts
-    kept_ro, dropped_ro, kept, dropped = [], [], [], []
+    kept_ro, dropped_ro, kept, dropped, seen = [], [], [], [], []
 
     def sort(ro, total, parts):
+      seen.append((total, parts))
       r = total.reshape(-1, g)
       varied = r.max(1) > r.min(1)
       for mask, ros, acc in ((varied, kept_ro, kept), (~varied, dropped_ro, dropped)):
@@ -270,7 +273,9 @@ class GRPOLearner:
     rows = slice(0, want * g)
     total = np.concatenate([a[0] for a in accs])[rows]
     parts = {k: np.concatenate([a[1][k] for a in accs])[rows] for k in parts}
-    return ro, total, parts, n_kept, sampled, drawn
+    seen_total = np.concatenate([t for t, _ in seen])
+    seen_parts = {k: np.concatenate([p[k] for _, p in seen]) for k in parts}
+    return ro, total, parts, n_kept, sampled, drawn, (seen_total, seen_parts)
 
   def _prompt_ranges(self, ro) -> list[range]:
     m = self.cfg.micro_prompts // self.procs
@@ -304,13 +309,18 @@ class GRPOLearner:
   def iteration(self, state: TrainState, batch: dict) -> tuple[TrainState, dict[str, Any]]:
     cfg, g = self.cfg, self.cfg.group_size
     t0 = time.perf_counter()
-    ro, total, parts, n_kept, sampled, drawn = self._sample(state, batch)
+    ro, total, parts, n_kept, sampled, drawn, seen = self._sample(state, batch)
     t_rollout = time.perf_counter() - t0
     adv = np.asarray(advantages_lib.compute(cfg.advantage, total, g))
+    if cfg.control:
+      return self._control(state, ro, total, parts, adv, t_rollout)
+    sampled_stats = self._sampled_rewards(seen) if cfg.dynamic_sampling else {}
 
     t0 = time.perf_counter()
     token_arrays = {"old_logprobs": self._logprobs(
         (state.params, state.frozen, state.rest), ro, adv)}
+    mismatch = collective.logprob_mismatch(ro.logprobs, token_arrays["old_logprobs"],
+                                           ro.lengths)
     if cfg.kl_coef:
       token_arrays["ref_logprobs"] = self._logprobs(self.ref_params, ro, adv)
     t_logp = time.perf_counter() - t0
@@ -344,7 +354,7 @@ class GRPOLearner:
              prompt_batches=drawn),
         dict(update_tokens="sum", rollout_time="max", old_logp_time="max", update_time="max",
              groups_kept="sum", groups_sampled="sum", prompt_batches="max"))
-    stats = collective.rollout_stats(rows)
+    stats = collective.rollout_stats(rows, g)
     gen_tokens, update_tokens = stats.pop("rollout_tokens"), counts["update_tokens"]
     t_rollout, t_logp, t_update = (counts[k] for k in ("rollout_time", "old_logp_time",
                                                        "update_time"))
@@ -353,7 +363,7 @@ class GRPOLearner:
     metrics["lr"] = float(steps[-1]["lr"])
     metrics["ok"] = all(bool(s["ok"]) for s in steps)
     metrics.update(
-        stats, rollout_time=t_rollout, old_logp_time=t_logp, update_time=t_update,
+        stats, **mismatch, rollout_time=t_rollout, old_logp_time=t_logp, update_time=t_update,
         rollout_tokens_per_second=gen_tokens / max(t_rollout, 1e-9),
         update_tokens_per_second=update_tokens / max(t_update, 1e-9),
         tokens_per_second=(gen_tokens + update_tokens) / max(t_rollout + t_logp + t_update,
@@ -362,7 +372,42 @@ class GRPOLearner:
     if cfg.dynamic_sampling:
       metrics.update({k: int(counts[k]) for k in ("groups_kept", "groups_sampled",
                                                    "prompt_batches")})
+      # The trained batch is biased towards varied groups: its reward means (and share of
+      # all-equal groups) are logged as batch_*, and the headline ones are those of every
+      # response sampled this iteration (the policy's).
+      for k in [k for k in metrics if k.startswith("reward") or k in (
+          "accuracy", "format_rate", "groups_all_equal")]:
+        metrics[f"batch_{k}"] = metrics.pop(k)
+      metrics.update(sampled_stats)
     return state, metrics
+
+  def _sampled_rewards(self, seen) -> dict[str, float]:
+    """Reward means over every response sampled this iteration (all processes)."""
+    total, parts = seen
+    rows = collective.gather_rows(dict(total=total, **{f"reward/{k}": v for k, v in
+                                                       parts.items()}),
+                                  self.cfg.group_size)
+    by_group = rows["total"].reshape(-1, self.cfg.group_size)
+    out = {"reward_mean": float(rows["total"].mean()), "reward_std": float(rows["total"].std()),
+           "groups_all_equal": float(np.mean(by_group.max(1) == by_group.min(1)))}
+    out.update({k: float(v.mean()) for k, v in rows.items() if k.startswith("reward/")})
+    out.update(collective.reward_aliases(out))
+    return out
+
+  def _control(self, state, ro, total, parts, adv, t_rollout):
+    """The frozen-policy control's iteration: the rollout and its rewards are logged like a
+    training iteration's, the parameters stay, and the step advances as if trained, so
+    each rollout draws the same prompts and keys as the run it shadows."""
+    g = self.cfg.group_size
+    rows = collective.gather_rows(
+        dict(total=total, lengths=ro.lengths, truncated=ro.truncated, advantages=adv,
+             **{f"reward/{k}": v for k, v in parts.items()}), g)
+    t_rollout = collective.reduce_scalars(dict(t=t_rollout), dict(t="max"))["t"]
+    stats = collective.rollout_stats(rows, g)
+    gen_tokens = stats.pop("rollout_tokens")
+    state = state.replace(step=state.step + self.cfg.steps_per_rollout)
+    return state, dict(stats, ok=True, optimizer_steps=0, rollout_time=t_rollout,
+                       rollout_tokens_per_second=gen_tokens / max(t_rollout, 1e-9))
 
 
 def prompt_batches(loader) -> Iterator[tuple[dict, int, dict]]:
