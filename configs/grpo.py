@@ -51,7 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       weight_decay=0.1,
       b1=0.9, b2=0.999, eps=1e-8,
       grad_clip=1.0,      # max global norm; 0 = off
-      frozen="",          # comma-separated regexes; "" = everything trains (vision included)
+      frozen="auto",      # comma-separated regexes; "" = everything trains (vision included);
+                          # auto = by recipe (release "", tiny "^visual\\.")
       log_every=1,
   ))
   c.grpo = ml_collections.ConfigDict(dict(
@@ -75,7 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       kl_coef=0.0,            # > 0: KL to a frozen reference copy of the start, as a loss term
       kl_kind="low_var_kl",   # k1 | k2 | k3 (= low_var_kl) | abs (+ kl, mse aliases)
       entropy_coef=0.0,       # entropy bonus
-      dynamic_sampling=False,  # drop groups whose rewards are all equal, refill
+      dynamic_sampling="auto",  # true: drop groups whose rewards are all equal, refill;
+                                # auto = by recipe (release false, tiny true)
       max_refills=2,          # extra prompt batches drawn per rollout at most
       logp_chunk=1024,        # tokens per chunk of the log-prob passes (0 = unchunked)
       control=False,          # the frozen-policy control: roll out and score the same prompts
@@ -94,4 +96,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.synthetic_train, c.data.synthetic_test = 16, 4
     c.eval.max_new_tokens = 8
     c.grpo.max_response_tokens = 16
+    c.grpo.group_size, c.grpo.prompts_per_rollout, c.grpo.mini_batch_prompts = 4, 4, 2
+    c.grpo.dynamic_sampling = "false"
   return c

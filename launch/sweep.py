@@ -48,6 +48,7 @@ if ROOT not in sys.path:
 from deepintuit_jax.evals import report as report_lib  # noqa: E402
 
 DONE_MARKER = "sweep_done.json"
+CHAIN_RESULTS = "results.json"  # the chain's table (configs/deepintuit.py), one row per model
 DEFAULT_METRICS = ("accuracy", "macro_f1", "ece")
 MODES = ("run", "list", "slurm", "collect")
 
@@ -129,8 +130,9 @@ def command(run: Run, config: str, *, python: str = sys.executable,
 
 
 def is_finished(workdir: str) -> bool:
-  """The run's final eval report is there (or the sweep saw its main exit 0)."""
-  if os.path.exists(os.path.join(workdir, DONE_MARKER)):
+  """The run's final eval report (or a chain's results.json) is there, or the sweep saw its
+  main exit 0."""
+  if any(os.path.exists(os.path.join(workdir, f)) for f in (DONE_MARKER, CHAIN_RESULTS)):
     return True
   try:
     return report_lib.read_report(workdir).get("final") is True
@@ -194,9 +196,25 @@ def write_commands(root: str, commands: Sequence[Sequence[str]], *, slurm: bool 
   return paths
 
 
+def chain_metrics(path: str) -> dict[str, dict[str, dict]]:
+  """{model: {split: {accuracy, macro_f1, ece}}} of a chain's results.json."""
+  with open(path) as f:
+    data = json.load(f)
+  out: dict[str, dict[str, dict]] = {}
+  for row in data["rows"]:
+    out[row["model"]] = {data[f"{side}_split"]: {
+        m: row.get(f"{side}_{m}") for m in ("accuracy", "macro_f1", "ece")
+        if row.get(f"{side}_{m}") is not None} for side in ("close", "open")}
+  return out
+
+
 def final_metrics(workdir: str) -> dict[str, dict[str, dict]] | None:
-  """{model: {split: metrics}} of a run: its eval_report.json, else the last eval row of each
-  split in metrics.jsonl (model "model"); None when it has neither."""
+  """{model: {split: metrics}} of a run: a chain's results.json, else its eval_report.json,
+  else the last eval row of each split in metrics.jsonl (model "model"); None when it has
+  none of them."""
+  chain = os.path.join(workdir, CHAIN_RESULTS)
+  if os.path.exists(chain):
+    return chain_metrics(chain)
   try:
     return report_lib.read_report(workdir)["models"]
   except FileNotFoundError:
@@ -275,6 +293,35 @@ def table_markdown(keys: Sequence[str], columns: Sequence[str], rows: Sequence[d
   return "\n".join(lines) + "\n"
 
 
+def models_markdown(keys: Sequence[str], columns: Sequence[str], rows: Sequence[dict]) -> str:
+  """The table with one line per (grid point, model) when runs hold several models (columns
+  `model/split/metric`, e.g. the chain's): cells "mean ± std" over the seeds."""
+  models: list[str] = []
+  metrics: list[str] = []
+  for c in columns:
+    parts = c.split("/")
+    if len(parts) < 3:
+      return ""
+    model, rest = "/".join(parts[:-2]), "/".join(parts[-2:])
+    if model not in models:
+      models.append(model)
+    if rest not in metrics:
+      metrics.append(rest)
+
+  def cell(v):
+    if v is None:
+      return "-"
+    return f"{v[0]:.3f}" if v[1] is None else f"{v[0]:.3f} ± {v[1]:.3f}"
+  head = list(keys) + ["model", "seeds"] + metrics
+  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  for r in rows:
+    for model in models:
+      lines.append("| " + " | ".join(
+          [str(r["point"][k]) for k in keys] + [model, r["seeds"]]
+          + [cell(r.get(f"{model}/{m}")) for m in metrics]) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def table_csv(keys: Sequence[str], columns: Sequence[str], rows: Sequence[dict]) -> str:
   """One column per axis, "seeds", then `<column>/mean` and `<column>/std` (empty if n/a)."""
   buf = io.StringIO()
@@ -332,6 +379,8 @@ def main(argv: Sequence[str] | None = None, *,
     failed = run_all(runs, cmds, runner=runner)["failed"]
   keys, columns, rows = collect(runs, [m for m in args.metrics.split(",") if m])
   md, table = table_markdown(keys, columns, rows), table_csv(keys, columns, rows)
+  by_model = models_markdown(keys, columns, rows)
+  md = by_model or md
   os.makedirs(args.root, exist_ok=True)
   for ext, text in (("md", md), ("csv", table)):
     with open(os.path.join(args.root, f"sweep_results.{ext}"), "w") as f:

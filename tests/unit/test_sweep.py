@@ -153,3 +153,31 @@ def test_table_from_fixed_metric_files(tmp_path):
   _, cols1, rows1 = sweep.collect(runs[:1])
   assert rows1[0]["test_close/accuracy"] == (0.5, None)
   assert "| a | 1/1 | 0.500 |" in sweep.table_markdown(["lr"], cols1, rows1)
+
+
+def _chain_results(workdir, rows):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump({"close_split": "test_close", "open_split": "test_open", "rows": [
+        {"model": m, "close_accuracy": c, "close_macro_f1": None, "close_ece": None,
+         "open_accuracy": o, "open_macro_f1": None, "open_ece": None} for m, c, o in rows]}, f)
+
+
+def test_chain_seeds_give_one_line_per_model(tmp_path):
+  """Chains (configs/deepintuit.py) write results.json: a finished run, one row per model;
+  the table has a line per model with mean +- sample std over the seeds."""
+  runs = sweep.expand_grid([], ["0", "1", "2"], str(tmp_path))
+  # SFT close 0.5, 0.6, 0.7 -> 0.6 +- 0.1; open 0.2, 0.2, 0.2 -> 0.2 +- 0; GRPO one seed only.
+  for r, close in zip(runs, (0.5, 0.6, 0.7)):
+    _chain_results(r.workdir, [("SFT", close, 0.2)] + ([("GRPO", 0.9, 0.4)] if close == 0.5
+                                                        else []))
+  assert all(sweep.is_finished(r.workdir) for r in runs)
+  keys, cols, rows = sweep.collect(runs, ["accuracy"])
+  (row,) = rows
+  assert row["SFT/test_close/accuracy"] == pytest.approx((0.6, 0.1))
+  assert row["SFT/test_open/accuracy"] == pytest.approx((0.2, 0.0))
+  assert row["GRPO/test_close/accuracy"] == (0.9, None)  # one seed: no spread
+  md = sweep.models_markdown(keys, cols, rows)
+  assert md.splitlines()[0] == "| model | seeds | test_close/accuracy | test_open/accuracy |"
+  assert "| SFT | 3/3 | 0.600 ± 0.100 | 0.200 ± 0.000 |" in md
+  assert "| GRPO | 3/3 | 0.900 | 0.400 |" in md
