@@ -65,6 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       temperature=-1.0,       # -1 = by recipe (release 1.0, tiny 0.7)
       top_p=1.0,
       rewards="format:1.0,accuracy:1.0",  # name:weight of registered rewards
+      reward_modules="",      # comma-separated modules or .py files imported first: their
+                              # @trainers.grpo.rewards.register(name) adds rewards to name
       advantage="grpo",       # grpo | dr_grpo | rloo | reinforce_plus_plus_baseline
       policy_loss="vanilla",  # vanilla | gspo
       loss_agg="token-mean",  # token-mean | seq-mean-token-sum | seq-mean-token-mean |

@@ -70,6 +70,38 @@ def parse_rewards(spec: str) -> tuple[tuple[str, float], ...]:
   return tuple(out)
 
 
+def import_reward_modules(spec: str) -> None:
+  """Imports each comma-separated module name or `.py` path of `grpo.reward_modules`, whose
+  `@rewards.register(name)` calls add rewards `grpo.rewards` can then name. A path is
+  imported once per process (as module `deepintuit_reward_<stem>`), so a second stage in
+  the same process (the chain) does not register its rewards twice."""
+  import importlib
+  import importlib.util
+  import sys
+  for item in filter(None, (p.strip() for p in spec.split(","))):
+    if not item.endswith(".py"):
+      try:
+        importlib.import_module(item)
+      except ImportError as e:
+        raise ValueError(f"grpo.reward_modules: cannot import {item!r} ({e})") from None
+      continue
+    path = os.path.abspath(os.path.expanduser(item))
+    name = "deepintuit_reward_" + "".join(
+        ch if ch.isalnum() else "_" for ch in os.path.splitext(path)[0])
+    if name in sys.modules:
+      continue
+    if not os.path.isfile(path):
+      raise ValueError(f"grpo.reward_modules: {item!r} is not a file")
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+      module_spec.loader.exec_module(module)
+    except BaseException:
+      del sys.modules[name]
+      raise
+
+
 def _flag(value, key: str) -> bool:
   """A boolean config value given as a bool or as true/false/1/0/yes/no."""
   if isinstance(value, bool):
@@ -101,6 +133,7 @@ def from_config(c) -> GRPORun:
   pick = stage.Recipe(c.recipe, c.model.checkpoint, RELEASE, TINY)
   init_from = resolve_init_from(c.init_from)
   g = c.grpo
+  import_reward_modules(g.reward_modules)
   clip = lambda v: None if v == -1.0 else v  # noqa: E731 (-1 = the loss's default)
   grpo = learner_lib.GRPOConfig(
       group_size=pick(g.group_size, "group_size"),
