@@ -1,4 +1,5 @@
-"""Errors the user can act on (a wrong config value, a missing or empty input file).
+"""Errors the user can act on (a wrong config value, a missing or empty input file, a data
+worker that ran out of memory).
 
 Library code raises a `UserError` subclass for a mistake in the configuration or the inputs
 (never for a bug); `main` prints such an error as one line, `error: <message>`, without a
@@ -37,3 +38,8 @@ class WorkdirBusy(UserError):
 class CheckpointError(UserError, OSError):
   """No checkpoint of the workdir can be restored, or a checkpoint save failed (a full disk,
   a failing write); the message names the directory, the step and the error."""
+
+
+class DataWorkerError(UserError, RuntimeError):
+  """A data worker process died (killed, e.g. by the out-of-memory killer) or ran out of
+  memory; the message names the worker and the item, and what to lower."""
