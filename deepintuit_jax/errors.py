@@ -11,6 +11,18 @@ Bad data records have their own type, `data.errors.BadSample`, which `main` trea
 from __future__ import annotations
 
 
+MAX_MESSAGE = 1000  # characters of a data error's line (a 100 kB label echoed buries the rest)
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+  """`text`, cut in the middle to about `limit` characters when longer: the start (what and
+  where) and the end (why) stay."""
+  if len(text) <= limit:
+    return text
+  keep = limit // 2
+  return f"{text[:keep]} ...({len(text) - 2 * keep} characters)... {text[-keep:]}"
+
+
 class UserError(Exception):
   """A mistake in the configuration or inputs; `str(e)` says what and how to fix it."""
 
@@ -24,7 +36,12 @@ class InputNotFound(UserError, FileNotFoundError):
 
 
 class InputError(UserError, ValueError):
-  """An input file that exists but cannot be used (empty, wrong format; names the file)."""
+  """An input file that exists but cannot be used (empty, wrong format; names the file).
+  `str(e)` is at most about `MAX_MESSAGE` characters: a value from the file that it echoes
+  may be huge."""
+
+  def __str__(self) -> str:
+    return shorten(super().__str__())
 
 
 class WorkdirConflict(UserError):
