@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from deepintuit_jax import paths
+from deepintuit_jax import interrupts, paths
 from deepintuit_jax.errors import CheckpointError
 from deepintuit_jax.trainers.state import TrainState
 
@@ -121,6 +121,8 @@ class Checkpointer:
     with self._failures(step):
       started = bool(self._mgr.save(step, args=args, force=True))
     self._pending = step if started else self._pending
+    # Test hook; Orbax's save has waited for the previous save, so that one is complete.
+    interrupts.kill_point(f"checkpoint save of step {step} started in {self.directory}")
     return started
 
   @contextlib.contextmanager

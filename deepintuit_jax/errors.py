@@ -1,4 +1,5 @@
-"""Errors the user can act on (a wrong config value, a missing or empty input file).
+"""Errors the user can act on (a wrong config value, a missing or empty input file, a data
+worker that ran out of memory).
 
 Library code raises a `UserError` subclass for a mistake in the configuration or the inputs
 (never for a bug); `main` prints such an error as one line, `error: <message>`, without a
@@ -8,6 +9,18 @@ The subclasses also derive from the built-in type a caller would expect (`ValueE
 Bad data records have their own type, `data.errors.BadSample`, which `main` treats the same.
 """
 from __future__ import annotations
+
+
+MAX_MESSAGE = 1000  # characters of a data error's line (a 100 kB label echoed buries the rest)
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+  """`text`, cut in the middle to about `limit` characters when longer: the start (what and
+  where) and the end (why) stay."""
+  if len(text) <= limit:
+    return text
+  keep = limit // 2
+  return f"{text[:keep]} ...({len(text) - 2 * keep} characters)... {text[-keep:]}"
 
 
 class UserError(Exception):
@@ -23,7 +36,12 @@ class InputNotFound(UserError, FileNotFoundError):
 
 
 class InputError(UserError, ValueError):
-  """An input file that exists but cannot be used (empty, wrong format; names the file)."""
+  """An input file that exists but cannot be used (empty, wrong format; names the file).
+  `str(e)` is at most about `MAX_MESSAGE` characters: a value from the file that it echoes
+  may be huge."""
+
+  def __str__(self) -> str:
+    return shorten(super().__str__())
 
 
 class WorkdirConflict(UserError):
@@ -37,3 +55,8 @@ class WorkdirBusy(UserError):
 class CheckpointError(UserError, OSError):
   """No checkpoint of the workdir can be restored, or a checkpoint save failed (a full disk,
   a failing write); the message names the directory, the step and the error."""
+
+
+class DataWorkerError(UserError, RuntimeError):
+  """A data worker process died (killed, e.g. by the out-of-memory killer) or ran out of
+  memory; the message names the worker and the item, and what to lower."""

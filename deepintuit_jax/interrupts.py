@@ -9,6 +9,10 @@ from the previous complete checkpoint.
 
 Only a single process defers SIGINT: with several, each would stop at a different step and
 the collective save would hang, so there Ctrl-C keeps its default behaviour.
+
+`kill_point` is a test hook: the SIGKILL tests set `DEEPINTUIT_TEST_KILL_AFTER` to make a run
+kill itself at a chosen point (after a batch of rows is written, a step is done, a checkpoint
+save started); unset, as in every real run, it does nothing.
 """
 from __future__ import annotations
 
@@ -75,3 +79,26 @@ class StopRequest:
     checkpointer.wait()
     latest = checkpointer.latest_step()
     raise Interrupted(latest, latest == step and step > 0)
+
+
+# Test hook (tests/integration/test_chain.py): "<n>:<text>" = SIGKILL this process at the n-th
+# `kill_point` whose label contains <text>.
+KILL_AFTER = "DEEPINTUIT_TEST_KILL_AFTER"
+_kill_hits = 0
+
+
+def kill_point(label: str) -> None:
+  """Test hook: SIGKILLs the process here when `KILL_AFTER` asks for it (see above), so a
+  kill test stops a run at a known point rather than at a polled moment; otherwise nothing."""
+  spec = os.environ.get(KILL_AFTER)
+  if not spec:
+    return
+  count, _, text = spec.partition(":")
+  if text not in label:
+    return
+  global _kill_hits
+  _kill_hits += 1
+  if _kill_hits == int(count):
+    print(f"[test hook {KILL_AFTER}] SIGKILL after: {label}", flush=True)
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -56,25 +57,63 @@ class Record:
   source: str
 
 
+def _read_text(path: str, what: str) -> str:
+  """The file's text; a missing file or one that is not UTF-8 is a one-line error."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except FileNotFoundError:
+    raise InputNotFound(f"{what} {path!r} does not exist") from None
+  except UnicodeDecodeError as e:
+    raise InputError(f"{what} {path!r} is not UTF-8 text: {e}") from None
+
+
+_TOO_DEEP = "nests JSON too deeply to read (thousands of levels)"
+
+
+def _unicode_problem(value: Any) -> str | None:
+  """Why `value` (decoded JSON) cannot be written out as UTF-8 again, or None: a `\\udXXX`
+  escape that is not half of a pair decodes to a lone surrogate, which tokenizers, trace
+  files and the terminal refuse."""
+  try:
+    json.dumps(value, ensure_ascii=False).encode("utf-8")
+  except UnicodeEncodeError as e:
+    return f"holds text that is not valid Unicode (a lone surrogate, {e.reason})"
+  return None
+
+
+def _mark_lone_surrogates(values: list[tuple[str, Any]], text: str,
+                          path: str) -> list[tuple[str, Any]]:
+  """`values` with each record holding a lone surrogate replaced by its `BadSample`. Only
+  text with a surrogate escape can hold one (UTF-8 never decodes to one): others pass as is."""
+  if not re.search(r"\\u[dD][89a-fA-F]", text):
+    return values
+  out = []
+  for src, value in values:
+    problem = None if isinstance(value, BadSample) else _unicode_problem(value)
+    if problem:
+      item = value.get("item_id") if isinstance(value, dict) else None
+      value = BadSample(f"{problem} (at {src})", kind=errors.BAD_RECORD, path=path,
+                        item_id=item if isinstance(item, str) and item.isprintable() else None)
+    out.append((src, value))
+  return out
+
+
 def _read_json_values(path: str) -> list[tuple[str, Any]]:
   """[(source, value)] for a JSON list file or a JSONL file.
 
   A JSONL line that is not JSON is returned as a `BadSample` value so that it can be
   skipped like any other bad record; a JSON list file that does not parse is a file error.
   """
-  try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  except FileNotFoundError:
-    raise InputNotFound(f"annotation file {path!r} does not exist") from None
-  except UnicodeDecodeError as e:
-    raise InputError(f"annotation file {path!r} is not UTF-8 text: {e}") from None
+  text = _read_text(path, "annotation file")
   is_jsonl = path.lower().endswith(_JSONL_SUFFIXES)
   if not text.strip():
     return []
   if not is_jsonl:
     try:
       data = json.loads(text)
+    except RecursionError:
+      raise InputError(f"annotation file {path!r} {_TOO_DEEP}") from None
     except json.JSONDecodeError as e:
       if e.msg != "Extra data":  # several top-level values: treat the file as JSONL
         raise InputError(f"annotation file {path!r} is not valid JSON: {e.msg} at line "
@@ -86,7 +125,8 @@ def _read_json_values(path: str) -> list[tuple[str, Any]]:
       if not isinstance(data, list):
         raise InputError(f"annotation file {path!r}: expected a JSON list of records, got "
                          f"{type(data).__name__}")
-      return [(f"{path}:#{i}", v) for i, v in enumerate(data)]
+      return _mark_lone_surrogates([(f"{path}:#{i}", v) for i, v in enumerate(data)], text,
+                                   path)
   out = []
   for lineno, line in enumerate(text.splitlines(), 1):
     if not line.strip():
@@ -97,7 +137,10 @@ def _read_json_values(path: str) -> list[tuple[str, Any]]:
     except json.JSONDecodeError as e:
       out.append((src, BadSample(f"line {lineno} is not valid JSON: {e.msg} at column "
                                  f"{e.colno}", kind=errors.BAD_RECORD, path=path)))
-  return out
+    except RecursionError:
+      out.append((src, BadSample(f"line {lineno} {_TOO_DEEP}", kind=errors.BAD_RECORD,
+                                 path=path)))
+  return _mark_lone_surrogates(out, text, path)
 
 
 def _text_of(content: Any, what: str) -> str:
@@ -225,11 +268,12 @@ def load_records(path: str | os.PathLike, *, on_bad_sample: str = "error",
       if isinstance(value, BadSample):
         raise value
       hint = value.get("item_id") if isinstance(value, dict) else None
+      hint = hint if isinstance(hint, str) else None
       try:
         rec = _parse_record(value, source)
       except ValueError as e:
-        raise BadSample(f"{e} (at {source})", kind=errors.BAD_RECORD,
-                        item_id=hint if isinstance(hint, str) else None, path=path) from None
+        raise BadSample(f"{e} (at {source})", kind=errors.BAD_RECORD, item_id=hint,
+                        path=path) from None
       if rec.item_id in first_seen:
         raise BadSample(f"duplicate item_id (at {source}; first at {first_seen[rec.item_id]})",
                         kind=errors.BAD_RECORD, item_id=rec.item_id, path=path)
@@ -306,11 +350,7 @@ def load_class_file(path: str | os.PathLike) -> dict[str, str]:
   per line (blank lines and lines starting with '#' are ignored).
   """
   path = os.fspath(path)
-  try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  except FileNotFoundError:
-    raise InputNotFound(f"class file {path!r} does not exist") from None
+  text = _read_text(path, "class file")
   out: dict[str, str] = {}
 
   def add(label: Any, definition: str, where: str) -> None:
@@ -326,9 +366,13 @@ def load_class_file(path: str | os.PathLike) -> dict[str, str]:
   if path.lower().endswith(".json") or stripped[:1] in ("[", "{"):
     try:
       data = json.loads(text)
+    except RecursionError:
+      raise InputError(f"class file {path!r} {_TOO_DEEP}") from None
     except json.JSONDecodeError as e:
       raise InputError(f"class file {path!r} is not valid JSON: {e.msg} at line {e.lineno}, "
                        f"column {e.colno}") from None
+    if _unicode_problem(data):
+      raise InputError(f"class file {path!r} {_unicode_problem(data)}")
     if isinstance(data, dict):
       for label, value in data.items():
         add(label, _definition_of(label, value, path), f"key {label!r}")

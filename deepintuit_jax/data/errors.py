@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+from deepintuit_jax.errors import shorten
+
 ON_BAD_SAMPLE = ("error", "skip")
 
 # Reason kinds (keys of the skip summary). Readers may add others; keep them short and stable.
@@ -31,6 +33,9 @@ class BadSample(ValueError):
     where = ", ".join(x for x in (f"item {item_id!r}" if item_id is not None else "",
                                   f"file {path!r}" if path else "") if x)
     super().__init__(f"bad sample ({kind}){' ' + where if where else ''}: {reason}")
+
+  def __str__(self) -> str:
+    return shorten(super().__str__())  # a huge item id or path echoed stays readable
 
   def with_item(self, item_id: str | None = None, path: str | None = None) -> "BadSample":
     """The same error with the item id / path filled in where they were unknown."""

@@ -4,9 +4,11 @@
 runs Qwen's preprocessing and tokenises the conversation. It never raises for a bad sample:
 a `BadSample` (missing file, corrupt video, no frames, bad zip, bad record, unknown label,
 too long) comes back as a small picklable marker `{"pos", "bad": (reason, kind, item, path)}`
-so that the main process decides (raise in "error" mode, count in "skip" mode). Other
-exceptions are bugs, not bad data: they come back as an `"error"` marker that the main
-process always raises, naming the item. Nothing here imports jax (workers start fast).
+so that the main process decides (raise in "error" mode, count in "skip" mode). A
+MemoryError comes back as an `"oom"` marker (the main process stops with one line naming the
+item). Other exceptions are bugs, not bad data: they come back as an `"error"` marker that
+the main process always raises, naming the item. Nothing here imports jax (workers start
+fast).
 """
 from __future__ import annotations
 
@@ -157,6 +159,8 @@ class ExampleBuilder:
       out = self.build(rec)
     except BadSample as e:
       return bad_marker(pos, e.with_item(item_id, path))
+    except MemoryError:  # not a bug: the main process stops with one line naming the item
+      return {"pos": pos, "oom": (item_id, path)}
     except Exception as e:  # a bug or an unforeseen failure: always raised in the main process
       return {"pos": pos, "error": (item_id, path, f"{type(e).__name__}: {e}",
                                     traceback.format_exc(limit=6))}

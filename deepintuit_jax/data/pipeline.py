@@ -13,7 +13,9 @@ shapes of a batch (length bucket, patch bucket) are agreed by every process
 An epoch's last partial batch is dropped or padded with dummy
 rows (`drop_remainder`). `get_state()` is taken between batches and is JSON-serialisable;
 `set_state()` on a fresh loader built with the same arguments continues with exactly the
-same batches.
+same batches. A worker process that dies (killed, e.g. by the out-of-memory killer) or runs
+out of memory stops the loader with one line (`DataWorkerError`) naming the worker and the
+item it waited for, never a hang; the last saved state still resumes exactly.
 
 Evaluation (`make_eval_batches`): records in order (this process's shard), fixed slots of
 `batch_size` records per batch, bad records replaced by dummy rows, so that every process
@@ -22,6 +24,7 @@ yields the same number of batches (ceil(ceil(n / process_count) / batch_size)).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,6 +35,7 @@ from deepintuit_jax.data import batching, chat
 from deepintuit_jax.data.errors import BadSample, SkipLedger
 from deepintuit_jax.data.examples import ExampleBuilder, PipelineOptions, marker_error
 from deepintuit_jax.data.examples import PosMap as _PosMap
+from deepintuit_jax.errors import DataWorkerError
 
 __all__ = ["PipelineOptions", "Loader", "make_train_loader", "make_eval_batches", "HOST_KEYS"]
 HOST_KEYS = batching.HOST_KEYS
@@ -70,6 +74,60 @@ def _builder(records, tokenizer, model_config, options, for_generation) -> Examp
 def _unexpected(marker: dict[str, Any]) -> RuntimeError:
   item_id, path, msg, tb = marker["error"]
   return RuntimeError(f"data pipeline failed on item {item_id!r} (file {path!r}): {msg}\n{tb}")
+
+
+_LOWER = ("lower data.num_workers, data.max_pixels or data.max_frames, or give the job more "
+          "memory; a rerun resumes from the latest checkpoint")
+
+
+def _worker(pos: int | None, num_workers: int) -> str:
+  """Grain's worker k takes the stream's elements k, k + W, ... (interleaved in turn)."""
+  if not num_workers:
+    return "the main process"
+  return (f"data worker {pos % num_workers} of {num_workers}" if pos is not None
+          else f"one of the {num_workers} data workers")
+
+
+def _failed(marker: dict[str, Any], num_workers: int) -> None:
+  """Raises for an example that is neither built nor a bad sample: a bug (`"error"`: with its
+  traceback) or a MemoryError (`"oom"`: one line naming the item)."""
+  if "error" in marker:
+    raise _unexpected(marker)
+  if "oom" in marker:
+    item_id, path = marker["oom"]
+    raise DataWorkerError(f"out of memory in {_worker(marker['pos'], num_workers)} while "
+                          f"preparing item {item_id!r} (file {path!r}); {_LOWER}")
+
+
+def _next_example(it: Iterator, pos: int | None, num_workers: int,
+                  item: Callable[[int], str]) -> dict[str, Any]:
+  """next(it), with a worker process that died (Grain: "Worker process was terminated
+  unexpectedly with exit code N") or a MemoryError as a one-line `DataWorkerError` naming the
+  worker and `item(pos)`, the item the loader waited for (the worker died on it or, reading
+  ahead, on a later one), instead of a traceback. pos: the stream position awaited (None:
+  unknown)."""
+  try:
+    return next(it)
+  except MemoryError:
+    raise DataWorkerError(f"out of memory in {_worker(pos, num_workers)} at or after "
+                          f"{item(pos)}; {_LOWER}") from None
+  except RuntimeError as e:
+    m = re.search(r"terminated unexpectedly with exit code (-?\d+)", str(e))
+    if m is None:
+      raise
+    code = int(m.group(1))
+    how = ("was killed (SIGKILL: the out-of-memory killer, or by hand)" if code == -9 else
+           f"was killed by signal {-code}" if code < 0 else f"exited with code {code}")
+    raise DataWorkerError(f"{_worker(pos, num_workers)} {how} at or after {item(pos)} (the "
+                          f"item the loader waited for; workers read ahead); {_LOWER}") from None
+
+
+def _describe(records: Sequence[Any], index: int | None) -> str:
+  if index is None:
+    return "the next item"
+  rec = records[int(index)]
+  return (f"item {getattr(rec, 'item_id', None)!r} (file {getattr(rec, 'video', None)!r}, "
+          f"record {int(index)})")
 
 
 def _mp_prefetch(it_ds, num_workers: int, per_worker_buffer_size: int = 1):
@@ -112,6 +170,7 @@ class Loader:
     ds = ds.repeat(num_epochs)
     if process_count > 1:  # after the shuffle: one global order, interleaved over processes
       ds = ds[process_index::process_count]
+    self._order, self._records, self._next_pos = ds, builder.records, 0
     ds = ds.map_with_index(_PosMap(builder))  # pos: this process's position
     buffer = max(1, options.prefetch_batches * batch_size)
     # With workers, each worker's own read-ahead stays small; the worker buffers hold the rest.
@@ -139,14 +198,14 @@ class Loader:
     buf: list[dict[str, Any]] = []
     while len(buf) < self.batch_size:
       try:
-        el = next(self._iter)
+        el = _next_example(self._iter, self._next_pos, self.options.num_workers, self._item)
       except StopIteration:
         self._done = True
         if buf and not self.options.drop_remainder:
           break
         raise
-      if "error" in el:
-        raise _unexpected(el)
+      self._next_pos = el["pos"] + 1
+      _failed(el, self.options.num_workers)
       if "bad" in el:
         err = marker_error(el)
         if self.options.on_bad_sample == "error":
@@ -162,6 +221,12 @@ class Loader:
         elif buf:
           break
     return self._collate(buf)
+
+  def _item(self, pos: int | None) -> str:
+    try:
+      return _describe(self._records, None if pos is None else self._order[pos])
+    except IndexError:  # past the last epoch
+      return _describe(self._records, None)
 
   def _collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
     length, patches = batching.shape_needs(examples, batch_size=self.batch_size,
@@ -191,7 +256,7 @@ class Loader:
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable state between two batches."""
     return {"version": _STATE_VERSION, "grain": self._iter.get_state(), "done": self._done,
-            **self._fingerprint(),
+            "next_pos": self._next_pos, **self._fingerprint(),
             "skipped": dict(self.ledger.counts), "skipped_examples": self.ledger.examples,
             "epoch_skipped": dict(self.epoch_ledger.counts),
             "epoch_skipped_examples": self.epoch_ledger.examples}
@@ -215,6 +280,7 @@ class Loader:
                          "shuffling changed, so the saved position means something else")
     self._iter.set_state(state["grain"])
     self._done = bool(state["done"])
+    self._next_pos = state.get("next_pos")  # only for messages; absent in older states
     for ledger, counts, ex in ((self.ledger, "skipped", "skipped_examples"),
                                (self.epoch_ledger, "epoch_skipped", "epoch_skipped_examples")):
       ledger.counts.clear()
@@ -295,13 +361,13 @@ def make_eval_batches(records: Sequence[Any], *, tokenizer, model_config,
   if options.num_workers > 0:
     it_ds = _mp_prefetch(it_ds, options.num_workers, max(1, -(-buffer // options.num_workers)))
   it = iter(it_ds)
+  item = lambda pos: _describe(records, indices[pos] if pos < len(indices) else None)
   try:
     for b in range(n_batches):
       got = []
-      for _ in range(max(0, min(batch_size, len(indices) - b * batch_size))):
-        el = next(it)
-        if "error" in el:
-          raise _unexpected(el)
+      for k in range(max(0, min(batch_size, len(indices) - b * batch_size))):
+        el = _next_example(it, b * batch_size + k, options.num_workers, item)
+        _failed(el, options.num_workers)
         if "bad" in el:
           err: BadSample = marker_error(el)
           if options.on_bad_sample == "error":

@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from deepintuit_jax import interrupts
 from deepintuit_jax.data import prompts
 
 Key = tuple[str, int]
@@ -155,6 +156,7 @@ class TraceWriter:
     self._f.flush()
     os.fsync(self._f.fileno())
     self._done.update(keys)
+    interrupts.kill_point(f"{len(keys)} trace rows written to {self.path}")
 
   def close(self) -> None:
     if not self._f.closed:

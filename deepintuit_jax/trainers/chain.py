@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 
-from deepintuit_jax import lease, preflight
+from deepintuit_jax import interrupts, lease, preflight
 from deepintuit_jax.evals import curves
 from deepintuit_jax.evals import results as results_lib
 
@@ -137,6 +137,7 @@ def run(c, *, workdir: str, mesh, stages: Mapping[str, Callable]) -> dict[str, A
       with open(done, "w") as f:
         json.dump({"step": name, "stage": sub.stage, "seconds": seconds,
                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=1)
+    interrupts.kill_point(f"chain step {name} done ({done})")
     print(f"[chain] step {name} done in {seconds:.0f} s", flush=True)
   reports = results_lib.collect_reports(workdir, steps)
   rows = results_lib.results_rows(reports, close=c.close_split, open_=c.open_split)

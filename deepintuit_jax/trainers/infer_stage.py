@@ -106,7 +106,7 @@ def run(cfg: InferRun, *, workdir: str, mesh) -> dict[str, Any]:
   options = dataclasses.replace(o, labels=None, shuffle=False)
   ts, main = cfg.two_stage, jax.process_index() == 0
   results: dict[str, dict[str, dict]] = {}
-  writer = loop.MetricsWriter(workdir)
+  writer = loop.MetricsWriter(workdir, redo_all=True)
 
   def record(model_name, split, m, rows):
     results.setdefault(model_name, {})[split] = m

@@ -31,9 +31,13 @@ class MetricsWriter:
   a local temporary directory copied to `<workdir>/tb` at `close()`."""
 
   def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None,
-               final_step: int | None = None):
+               final_step: int | None = None, redo_all: bool = False):
     """resume_step: the step the run restarts from; rows it will write again are dropped
-    once (`workdir.truncate_metrics`; also its eval rows when it is `final_step`)."""
+    once (`workdir.truncate_metrics`; also its eval rows when it is `final_step`).
+    redo_all: the stage writes all its rows again on a rerun (traces, infer): the rows of an
+    earlier, killed run are dropped, so that each row appears once."""
+    if redo_all:
+      resume_step = -1  # every row is past it
     self.enabled = jax.process_index() == 0
     self.path = paths.join(workdir, "metrics.jsonl")
     self._tb = self._tb_stage = None

@@ -144,7 +144,7 @@ def run(cfg: TracesRun, *, workdir: str, mesh) -> dict[str, Any]:
           cfg.sampling)})
   m = trace_stats(rows, labels)
   m.update({f"generation/{k}": float(v) for k, v in stats.items()})
-  writer = loop.MetricsWriter(workdir)
+  writer = loop.MetricsWriter(workdir, redo_all=True)
   writer.write(0, m, prefix="traces/")
   writer.close()
   if ledger.total:

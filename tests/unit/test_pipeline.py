@@ -1,6 +1,7 @@
 """Grain pipeline: batching, buckets, mixed grids, exact resume, sharding, bad samples."""
 import json
 import os
+import re
 import signal
 import zipfile
 
@@ -364,3 +365,46 @@ def test_synthetic_benchmark_end_to_end(tmp_path):
     tgt = b["input_ids"][r, 1:][b["loss_mask"][r, :-1] == 1]
     assert tok.decode(tgt.tolist(), skip_special_tokens=False) == rec.response + "<|im_end|>\n"
     assert rec.label in tok.decode(tgt.tolist(), skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("fault,workers", [("kill", 2), ("oom", 0)])
+def test_a_dying_data_worker_stops_with_one_line_and_the_state_still_resumes(
+    env, monkeypatch, fault, workers):
+  """A worker killed (as by the out-of-memory killer) or out of memory on an item: the loader
+  raises one line naming the worker (and, for a MemoryError, the item) instead of hanging
+  (the autouse 60 s alarm), and the state taken before still resumes the same batches (the
+  order does not depend on the workers: the reference reads in-process, as it is faster)."""
+  from deepintuit_jax.data import pipeline
+  from deepintuit_jax.errors import DataWorkerError
+  from tests.unit.faulty_builder import FaultyBuilder
+  kw = dict(batch_size=3, num_workers=workers, seed=7)
+  ref = _loader(env, **{**kw, "num_workers": 0})
+  for _ in range(2):
+    next(ref)
+  want = [next(ref) for _ in range(3)]
+  ref.close()
+  victim = want[1]["item_id"][0]  # met only after the state below is taken
+  build = pipeline._builder
+  monkeypatch.setattr(pipeline, "_builder",
+                      lambda *a: FaultyBuilder.of(build(*a), victim=victim, fault=fault))
+  dying = _loader(env, **kw)
+  for _ in range(2):
+    next(dying)
+  state = json.loads(json.dumps(dying.get_state()))
+  with pytest.raises(DataWorkerError) as e:
+    for _ in range(6):
+      next(dying)
+  dying.close()
+  msg = str(e.value)
+  assert "\n" not in msg and "lower data.num_workers" in msg
+  if fault == "kill":
+    assert re.search(rf"data worker \d of {workers} was killed \(SIGKILL", msg), msg
+  else:
+    assert "out of memory in the main process" in msg and repr(victim) in msg, msg
+  monkeypatch.setattr(pipeline, "_builder", build)
+  resumed = _loader(env, **kw)
+  resumed.set_state(state)
+  got = [next(resumed) for _ in range(3)]
+  resumed.close()
+  for x, y in zip(want, got):
+    _same(x, y)
