@@ -28,7 +28,7 @@ ARGS = ["--config.data.max_frames=4", "--config.data.max_pixels=12544",
         "--config.data.synthetic_train=8", "--config.data.synthetic_test=2",
         "--config.calibrate.train.batch_size=2", "--config.calibrate_hidden.train.batch_size=2",
         "--config.traces.traces.batch_size=4"]
-BEFORE_TRACES = ("imitation_scratch", "imitation", "sft", "grpo")
+BEFORE_TRACES = ("imitation_scratch", "imitation", "sft", "grpo", "grpo_control")
 LATER = ("traces", "calibrate", "calibrate_hidden")
 
 
