@@ -279,17 +279,20 @@ def collect(runs: Sequence[Run], metrics: Sequence[str] = DEFAULT_METRICS
   return keys, columns, rows
 
 
+def _cell(v: tuple[float, float | None] | None) -> str:
+  """"mean ± std" (sample std over seeds; the mean alone for one seed; "-" for none)."""
+  if v is None:
+    return "-"
+  return f"{v[0]:.3f}" if v[1] is None else f"{v[0]:.3f} ± {v[1]:.3f}"
+
+
 def table_markdown(keys: Sequence[str], columns: Sequence[str], rows: Sequence[dict]) -> str:
   """Cells "mean ± std" (sample std over seeds; the mean alone for one seed)."""
-  def cell(v):
-    if v is None:
-      return "-"
-    return f"{v[0]:.3f}" if v[1] is None else f"{v[0]:.3f} ± {v[1]:.3f}"
   head = list(keys) + ["seeds"] + list(columns)
   lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
   for r in rows:
     lines.append("| " + " | ".join([str(r["point"][k]) for k in keys] + [r["seeds"]]
-                                   + [cell(r[c]) for c in columns]) + " |")
+                                   + [_cell(r[c]) for c in columns]) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -307,18 +310,13 @@ def models_markdown(keys: Sequence[str], columns: Sequence[str], rows: Sequence[
       models.append(model)
     if rest not in metrics:
       metrics.append(rest)
-
-  def cell(v):
-    if v is None:
-      return "-"
-    return f"{v[0]:.3f}" if v[1] is None else f"{v[0]:.3f} ± {v[1]:.3f}"
   head = list(keys) + ["model", "seeds"] + metrics
   lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
   for r in rows:
     for model in models:
       lines.append("| " + " | ".join(
           [str(r["point"][k]) for k in keys] + [model, r["seeds"]]
-          + [cell(r.get(f"{model}/{m}")) for m in metrics]) + " |")
+          + [_cell(r.get(f"{model}/{m}")) for m in metrics]) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -378,9 +376,8 @@ def main(argv: Sequence[str] | None = None, *,
   if args.mode == "run":
     failed = run_all(runs, cmds, runner=runner)["failed"]
   keys, columns, rows = collect(runs, [m for m in args.metrics.split(",") if m])
-  md, table = table_markdown(keys, columns, rows), table_csv(keys, columns, rows)
-  by_model = models_markdown(keys, columns, rows)
-  md = by_model or md
+  md = models_markdown(keys, columns, rows) or table_markdown(keys, columns, rows)
+  table = table_csv(keys, columns, rows)
   os.makedirs(args.root, exist_ok=True)
   for ext, text in (("md", md), ("csv", table)):
     with open(os.path.join(args.root, f"sweep_results.{ext}"), "w") as f:

@@ -371,8 +371,8 @@ def load_class_file(path: str | os.PathLike) -> dict[str, str]:
     except json.JSONDecodeError as e:
       raise InputError(f"class file {path!r} is not valid JSON: {e.msg} at line {e.lineno}, "
                        f"column {e.colno}") from None
-    if _unicode_problem(data):
-      raise InputError(f"class file {path!r} {_unicode_problem(data)}")
+    if problem := _unicode_problem(data):
+      raise InputError(f"class file {path!r} {problem}")
     if isinstance(data, dict):
       for label, value in data.items():
         add(label, _definition_of(label, value, path), f"key {label!r}")

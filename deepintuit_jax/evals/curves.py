@@ -21,6 +21,11 @@ REWARD_KEYS = ("reward/accuracy", "reward/format")
 PNG = "grpo_rewards.png"
 
 
+def run_name(control: bool) -> str:
+  """A GRPO run's name in the plots and tables: its frozen control or the run itself."""
+  return "frozen control" if control else "GRPO"
+
+
 def read_series(metrics_path: str, keys: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{key: (steps, values)} of the rows of a metrics.jsonl that hold the key (finite values
   only), in file order; keys found in no row are left out."""

@@ -29,7 +29,6 @@ from deepintuit_jax.evals import results as results_lib
 DONE = "stage_done.json"
 SHARED_TOP = ("seed", "recipe")
 CALIBRATOR_NAMES = {"label_token": "label token", "hidden_state": "hidden-state head"}
-CURVE_NAMES = {"grpo": "GRPO", "grpo_control": "frozen control"}  # else the step's name
 # Data keys copied from the chain into every step that has them (train files stay per step).
 SHARED_DATA_KEYS = ("eval_files", "class_file", "video_root", "on_bad_sample", "max_frames",
                     "max_pixels", "min_pixels", "sampling", "num_workers", "special_tokens",
@@ -142,7 +141,7 @@ def run(c, *, workdir: str, mesh, stages: Mapping[str, Callable]) -> dict[str, A
   reports = results_lib.collect_reports(workdir, steps)
   rows = results_lib.results_rows(reports, close=c.close_split, open_=c.open_split)
   if is_main:
-    grpo_runs = {CURVE_NAMES.get(s, s): os.path.join(workdir, s, "metrics.jsonl")
+    grpo_runs = {curves.run_name(c[s].grpo.control): os.path.join(workdir, s, "metrics.jsonl")
                  for s in steps if c[s].stage == "grpo"}
     summary = curves.write_reward_curves(workdir, grpo_runs)
     paths = results_lib.write_results(

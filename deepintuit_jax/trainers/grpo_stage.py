@@ -8,7 +8,10 @@ rollout batch of prompts; the learner takes `grpo.steps_per_rollout` optimizer s
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import os
+import sys
 from typing import Any
 
 import jax
@@ -75,9 +78,6 @@ def import_reward_modules(spec: str) -> None:
   `@rewards.register(name)` calls add rewards `grpo.rewards` can then name. A path is
   imported once per process (as module `deepintuit_reward_<stem>`), so a second stage in
   the same process (the chain) does not register its rewards twice."""
-  import importlib
-  import importlib.util
-  import sys
   for item in filter(None, (p.strip() for p in spec.split(","))):
     if not item.endswith(".py"):
       try:
@@ -230,7 +230,7 @@ def run(cfg: GRPORun, *, workdir: str, mesh) -> dict[str, Any]:
       batches.close()
     loader.set_state(batches.data_state)  # rewind the read-ahead
     if jax.process_index() == 0:
-      curves.write_reward_curves(workdir, {"GRPO control" if g.control else "GRPO":
+      curves.write_reward_curves(workdir, {curves.run_name(g.control):
                                            os.path.join(workdir, "metrics.jsonl")})
     return stage.finish(state, graphdef=graphdef, setup=setup, data_state=loader.get_state(),
                         evaluate=evaluate, writer=writer, skip_metrics=loader.skip_metrics(),

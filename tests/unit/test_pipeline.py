@@ -2,13 +2,13 @@
 import json
 import os
 import re
-import signal
 import zipfile
 
 import cv2
 import numpy as np
 import pytest
 
+from tests.deadline import deadline
 from deepintuit_jax.data import chat, errors
 from deepintuit_jax.data.annotations import Record
 from deepintuit_jax.data.errors import BadSample, SkipLedger
@@ -27,13 +27,8 @@ OPTS = dict(min_pixels=28 * 28, max_pixels=56 * 56, max_frames=4, min_frames=2,
 @pytest.fixture(autouse=True)
 def _no_hang():
   """Any test taking over 60 s fails instead of hanging the suite."""
-  def boom(*_):
-    raise TimeoutError("test took longer than 60 s (a hang?)")
-  old = signal.signal(signal.SIGALRM, boom)
-  signal.alarm(60)
-  yield
-  signal.alarm(0)
-  signal.signal(signal.SIGALRM, old)
+  with deadline(60):
+    yield
 
 
 def _write_mp4(path, n, h, w, seed):

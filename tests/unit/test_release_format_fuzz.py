@@ -10,7 +10,6 @@ import copy
 import datetime
 import itertools
 import json
-import signal
 import zipfile
 
 import cv2
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
+from tests.deadline import deadline
 from deepintuit_jax.data import annotations, chat
 from deepintuit_jax.data.errors import BadSample, SkipLedger
 from deepintuit_jax.data.examples import marker_error
@@ -164,13 +164,8 @@ def builders(media):
 
 @pytest.fixture(autouse=True)
 def _no_hang():
-  def boom(*_):
-    raise TimeoutError("the fuzz test took over 120 s (a hang?)")
-  old = signal.signal(signal.SIGALRM, boom)
-  signal.alarm(120)
-  yield
-  signal.alarm(0)
-  signal.signal(signal.SIGALRM, old)
+  with deadline(120, "the fuzz test"):
+    yield
 
 
 def _one_line(e: BaseException, *names: str) -> None:

@@ -63,33 +63,32 @@ def reduce_scalars(values: dict[str, float], how: dict[str, str],
   return {n: float(ops[how[n]](got[:, i])) for i, n in enumerate(names)}
 
 
-def rollout_stats(rows: dict[str, np.ndarray], group_size: int) -> dict[str, float]:
-  """The rollout metrics of the (gathered) per-response arrays: total [N] rewards,
-  `reward/<name>` components [N], lengths [N], truncated [N] bool, advantages [N] (N whole
-  groups of `group_size`, in prompt order). `groups_all_equal`: the share of groups whose
-  rewards are all equal, which carry no signal (zero advantage under every estimator)."""
-  total, lengths = rows["total"], rows["lengths"].astype(np.float64)
-  adv = rows["advantages"]
+def reward_stats(rows: dict[str, np.ndarray], group_size: int) -> dict[str, float]:
+  """Reward metrics of the (gathered) per-response arrays `total` [N] and `reward/<name>` [N]
+  (N whole groups of `group_size`, in prompt order): their means, the total's std,
+  `groups_all_equal` (the share of groups whose rewards are all equal, which carry no signal:
+  zero advantage under every estimator), and for the release's rewards the names the eval
+  reports use (`format_rate`, `accuracy`)."""
+  total = rows["total"]
   by_group = total.reshape(-1, group_size)
   out = dict(reward_mean=float(total.mean()), reward_std=float(total.std()),
-             groups_all_equal=float(np.mean(by_group.max(1) == by_group.min(1))),
-             response_length_mean=float(lengths.mean()),
-             response_length_max=float(lengths.max()),
-             response_truncated=float(np.mean(rows["truncated"])),
-             advantage_mean=float(adv.mean()), advantage_std=float(adv.std()),
-             advantage_min=float(adv.min()), advantage_max=float(adv.max()),
-             rollout_tokens=float(lengths.sum()))
-  for name, v in rows.items():
-    if name.startswith("reward/"):
-      out[name] = float(np.mean(v))
-  out.update(reward_aliases(out))
+             groups_all_equal=float(np.mean(by_group.max(1) == by_group.min(1))))
+  out.update({k: float(np.mean(v)) for k, v in rows.items() if k.startswith("reward/")})
+  out.update({alias: out[k] for alias, k in (("format_rate", "reward/format"),
+                                             ("accuracy", "reward/accuracy")) if k in out})
   return out
 
 
-def reward_aliases(stats: dict[str, float]) -> dict[str, float]:
-  """`format_rate` and `accuracy`: the names the eval reports use, for the release's rewards."""
-  return {alias: stats[k] for alias, k in (("format_rate", "reward/format"),
-                                           ("accuracy", "reward/accuracy")) if k in stats}
+def rollout_stats(rows: dict[str, np.ndarray], group_size: int) -> dict[str, float]:
+  """`reward_stats` plus the rollout's lengths [N], truncated [N] bool and advantages [N]."""
+  lengths, adv = rows["lengths"].astype(np.float64), rows["advantages"]
+  return dict(reward_stats(rows, group_size),
+              response_length_mean=float(lengths.mean()),
+              response_length_max=float(lengths.max()),
+              response_truncated=float(np.mean(rows["truncated"])),
+              advantage_mean=float(adv.mean()), advantage_std=float(adv.std()),
+              advantage_min=float(adv.min()), advantage_max=float(adv.max()),
+              rollout_tokens=float(lengths.sum()))
 
 
 def logprob_mismatch(rollout_logp: np.ndarray, learner_logp: np.ndarray, lengths: np.ndarray,

@@ -345,16 +345,13 @@ class GRPOLearner:
 
     # Every process holds its own prompts' rows: the logged values are the global ones
     # (rows gathered in global prompt order, counts summed, times of the slowest process).
-    rows = collective.gather_rows(
-        dict(total=total, lengths=ro.lengths, truncated=ro.truncated, advantages=adv,
-             **{f"reward/{k}": v for k, v in parts.items()}), g)
+    stats = self._rollout_stats(ro, total, parts, adv)
     counts = collective.reduce_scalars(
         dict(update_tokens=update_tokens, rollout_time=t_rollout, old_logp_time=t_logp,
              update_time=t_update, groups_kept=n_kept, groups_sampled=sampled,
              prompt_batches=drawn),
         dict(update_tokens="sum", rollout_time="max", old_logp_time="max", update_time="max",
              groups_kept="sum", groups_sampled="sum", prompt_batches="max"))
-    stats = collective.rollout_stats(rows, g)
     gen_tokens, update_tokens = stats.pop("rollout_tokens"), counts["update_tokens"]
     t_rollout, t_logp, t_update = (counts[k] for k in ("rollout_time", "old_logp_time",
                                                        "update_time"))
@@ -381,33 +378,32 @@ class GRPOLearner:
       metrics.update(sampled_stats)
     return state, metrics
 
+  def _rollout_stats(self, ro, total, parts, adv) -> dict[str, float]:
+    """`collective.rollout_stats` of this iteration's rows gathered from every process."""
+    return collective.rollout_stats(collective.gather_rows(
+        dict(_reward_rows(total, parts), lengths=ro.lengths, truncated=ro.truncated,
+             advantages=adv), self.cfg.group_size), self.cfg.group_size)
+
   def _sampled_rewards(self, seen) -> dict[str, float]:
-    """Reward means over every response sampled this iteration (all processes)."""
-    total, parts = seen
-    rows = collective.gather_rows(dict(total=total, **{f"reward/{k}": v for k, v in
-                                                       parts.items()}),
-                                  self.cfg.group_size)
-    by_group = rows["total"].reshape(-1, self.cfg.group_size)
-    out = {"reward_mean": float(rows["total"].mean()), "reward_std": float(rows["total"].std()),
-           "groups_all_equal": float(np.mean(by_group.max(1) == by_group.min(1)))}
-    out.update({k: float(v.mean()) for k, v in rows.items() if k.startswith("reward/")})
-    out.update(collective.reward_aliases(out))
-    return out
+    """Reward metrics over every response sampled this iteration (all processes)."""
+    rows = collective.gather_rows(_reward_rows(*seen), self.cfg.group_size)
+    return collective.reward_stats(rows, self.cfg.group_size)
 
   def _control(self, state, ro, total, parts, adv, t_rollout):
     """The frozen-policy control's iteration: the rollout and its rewards are logged like a
     training iteration's, the parameters stay, and the step advances as if trained, so
     each rollout draws the same prompts and keys as the run it shadows."""
-    g = self.cfg.group_size
-    rows = collective.gather_rows(
-        dict(total=total, lengths=ro.lengths, truncated=ro.truncated, advantages=adv,
-             **{f"reward/{k}": v for k, v in parts.items()}), g)
+    stats = self._rollout_stats(ro, total, parts, adv)
     t_rollout = collective.reduce_scalars(dict(t=t_rollout), dict(t="max"))["t"]
-    stats = collective.rollout_stats(rows, g)
     gen_tokens = stats.pop("rollout_tokens")
     state = state.replace(step=state.step + self.cfg.steps_per_rollout)
     return state, dict(stats, ok=True, optimizer_steps=0, rollout_time=t_rollout,
                        rollout_tokens_per_second=gen_tokens / max(t_rollout, 1e-9))
+
+
+def _reward_rows(total: np.ndarray, parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Per-response rewards as `collective` arrays: `total` and `reward/<name>`."""
+  return dict(total=total, **{f"reward/{k}": v for k, v in parts.items()})
 
 
 def prompt_batches(loader) -> Iterator[tuple[dict, int, dict]]:
