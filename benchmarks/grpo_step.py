@@ -74,6 +74,9 @@ def parse_args(argv=None):
   p.add_argument("--length_buckets", default="",
                  help="comma-separated token lengths learner rows are padded to (with "
                       "--checkpoint; default: the pipeline's 256, 512, 1024, ...)")
+  p.add_argument("--length_steps", type=int, default=0,
+                 help="grpo.length_steps (with --checkpoint; 0 = the config's default; 1 = "
+                      "learner rows padded to the length buckets themselves)")
   p.add_argument("--cores", type=int, default=0,
                  help="run on this many CPU cores (affinity, set before jax starts and "
                       "inherited by the peer; 0 = all)")
@@ -176,9 +179,12 @@ def export_workload(args) -> Workload:
   c.data.synthetic_train, c.data.synthetic_test = args.synthetic, 4
   c.data.eval_files = "none"
   c.train.warmup_steps = 0
+  c.train.frozen = ""  # the whole model trains, vision included, as on TRL's side
   c.grpo.group_size, c.grpo.prompts_per_rollout = args.group, args.prompts
   c.grpo.mini_batch_prompts, c.grpo.micro_batch_prompts = args.mini or args.prompts, args.micro
   c.grpo.max_response_tokens, c.grpo.temperature = args.new, args.temperature
+  if args.length_steps:
+    c.grpo.length_steps = args.length_steps
   run = grpo_stage.from_config(c)
   mesh = sharding.make_mesh(tuple(c.mesh.shape))
   workdir = tempfile.mkdtemp(prefix="grpo_step_")
@@ -356,21 +362,39 @@ def main(argv=None) -> dict:
     lengths.append(int(out[0]["input_ids"].shape[-1]))
     return out
   learner._micro_batches = sized
+  cpu = {"rollout": 0.0, "logprobs": 0.0}
+
+  def cpu_timed(fn, part):  # this process's CPU time per part (the wall times are the loop's)
+    def wrapped(*a, **k):
+      c0 = time.process_time()
+      try:
+        return fn(*a, **k)
+      finally:
+        cpu[part] += time.process_time() - c0
+    return wrapped
+  learner._sample = cpu_timed(learner._sample, "rollout")
+  learner._logprobs = cpu_timed(learner._logprobs, "logprobs")
   rows = []
   try:
     for it in range(args.iters):
       spent[0] = 0.0
+      cpu.update(rollout=0.0, logprobs=0.0)
       t0, c0 = time.perf_counter(), time.process_time()
       state, m = learner.iteration(state, work.batch)
       m["iteration_time"] = time.perf_counter() - t0
       m["iteration_cpu_time"] = time.process_time() - c0
       m["reward_time"] = spent[0]
+      m["rollout_cpu_time"], m["old_logp_cpu_time"] = cpu["rollout"], cpu["logprobs"]
+      m["update_cpu_time"] = m["iteration_cpu_time"] - cpu["rollout"] - cpu["logprobs"]
       rows.append(m)
       print(f"iteration {it}{' (compiles)' if it == 0 else ''}: {m['iteration_time']:.2f}s = "
             f"rollout {m['rollout_time']:.2f}s (rewards {m['reward_time']:.3f}s) + old-logp "
             f"{m['old_logp_time']:.2f}s + update {m['update_time']:.2f}s; response length "
             f"{m['response_length_mean']:.1f}; rollout {m['rollout_tokens_per_second']:.0f} "
-            f"tok/s, update {m['update_tokens_per_second']:.0f} tok/s", flush=True)
+            f"tok/s, update {m['update_tokens_per_second']:.0f} tok/s; CPU time "
+            f"{m['iteration_cpu_time']:.2f}s = rollout {m['rollout_cpu_time']:.2f}s + old-logp "
+            f"{m['old_logp_cpu_time']:.2f}s + update and the rest "
+            f"{m['update_cpu_time']:.2f}s", flush=True)
   finally:
     if work.cleanup:
       work.cleanup()
@@ -378,7 +402,8 @@ def main(argv=None) -> dict:
   out = {k: float(np.mean([r[k] for r in timed])) for k in (
       "iteration_time", "rollout_time", "reward_time", "old_logp_time", "update_time",
       "rollout_tokens_per_second", "update_tokens_per_second", "response_length_mean",
-      "reward_mean", "iteration_cpu_time")}
+      "reward_mean", "iteration_cpu_time", "rollout_cpu_time", "old_logp_cpu_time",
+      "update_cpu_time")}
   out["padded_length"] = max(lengths) if lengths else 0
   out["cores"] = len(cores)
   print(f"{args.checkpoint or args.size}, {args.prompts} prompts x G={args.group}, up to "

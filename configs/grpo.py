@@ -82,6 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 # auto = by recipe (release false, tiny true)
       max_refills=2,          # extra prompt batches drawn per rollout at most
       logp_chunk=1024,        # tokens per chunk of the log-prob passes (0 = unchunked)
+      length_steps=8,         # learner rows padded to each length bucket's interval cut
+                              # into this many steps (<= that many compiled shapes per
+                              # bucket); 1 = the pipeline's buckets
       control=False,          # the frozen-policy control: roll out and score the same prompts
                               # with the same keys, never update (`:control`)
   ))

@@ -32,13 +32,14 @@ HOST_KEYS = ("labels", "item_id", "num_real", "num_groups")
 
 
 def shape_needs(examples: Sequence[dict[str, Any]], *, batch_size: int, options: PipelineOptions,
-                groups: int = 1) -> tuple[int, int]:
+                groups: int = 1, length_steps: int = 1) -> tuple[int, int]:
   """(length bucket, patch bucket) these examples need, as `groups` groups of
-  batch_size / groups rows (the patch bucket fits the largest group's videos)."""
+  batch_size / groups rows (the patch bucket fits the largest group's videos).
+  length_steps > 1: the length on the finer grid of `PipelineOptions.length_bucket`."""
   if groups < 1 or batch_size % groups:
     raise ValueError(f"batch_size {batch_size} is not a multiple of groups={groups}")
   per = batch_size // groups
-  t = options.length_bucket(max(len(e["input_ids"]) for e in examples))
+  t = options.length_bucket(max(len(e["input_ids"]) for e in examples), length_steps)
   patches = max(sum(int(e["pixel_values_videos"].shape[0]) for e in examples[g * per:(g + 1) * per])
                 for g in range(groups))
   return t, options.patch_bucket(patches)
@@ -62,15 +63,16 @@ def collate(examples: Sequence[dict[str, Any]], *, batch_size: int, options: Pip
     position_ids [G, 3, b, T], rope_deltas [G, b], pixel_values_videos [G, Np, patch_dim]
     (group g: the videos of its rows only), video_layout leaves [G, ...]; video_grid_thw,
     second_per_grid_ts, labels, item_id stay flat in row order; num_groups G.
-  length / patches: pad to these (>= what the examples need; e.g. agreed by all processes)
-    instead of the buckets of `shape_needs`.
+  length / patches: pad to these (length >= the longest example, patches >= the patch
+    bucket; e.g. agreed by all processes) instead of the buckets of `shape_needs`.
   """
   n_real = len(examples)
   if not 0 < n_real <= batch_size:
     raise ValueError(f"collate: {n_real} examples for a batch of {batch_size}")
   need_t, need_p = shape_needs(examples, batch_size=batch_size, options=options,
                                groups=groups or 1)
-  for name, got, need in (("length", length, need_t), ("patches", patches, need_p)):
+  longest = max(len(e["input_ids"]) for e in examples)
+  for name, got, need in (("length", length, longest), ("patches", patches, need_p)):
     if got is not None and got < need:
       raise ValueError(f"collate: {name}={got} is smaller than the {need} this batch needs")
   t = length or need_t

@@ -104,11 +104,19 @@ class PipelineOptions:
     if self.labels is not None:
       object.__setattr__(self, "labels", tuple(self.labels))
 
-  def length_bucket(self, n: int) -> int:
-    """The smallest length bucket >= n (n <= max_seq_len)."""
+  def length_bucket(self, n: int, steps: int = 1) -> int:
+    """The smallest length bucket >= n (n <= max_seq_len). steps > 1: the smallest length
+    >= n on a finer grid, each bucket interval (previous bucket, bucket] (the first from 0)
+    cut into `steps` equal steps rounded up to a multiple of 8; so at most `steps` lengths
+    per bucket, and never more padding than the bucket's."""
+    lo = 0
     for b in self.length_buckets:
       if b >= n:
-        return b
+        if steps <= 1:
+          return b
+        step = -(-(b - lo) // (8 * steps)) * 8
+        return min(b, lo + max(-(-(n - lo) // step), 1) * step)
+      lo = b
     raise ValueError(f"sequence of {n} tokens is longer than max_seq_len={self.max_seq_len}")
 
   def patch_bucket(self, n: int) -> int:

@@ -147,7 +147,8 @@ def from_config(c) -> GRPORun:
       kl_coef=g.kl_coef, kl_kind=g.kl_kind, entropy_coef=g.entropy_coef,
       dynamic_sampling=_flag(pick(g.dynamic_sampling, "dynamic_sampling"),
                              "grpo.dynamic_sampling"), max_refills=g.max_refills,
-      rewards=parse_rewards(g.rewards), logp_chunk=g.logp_chunk, control=g.control)
+      rewards=parse_rewards(g.rewards), logp_chunk=g.logp_chunk,
+      length_steps=g.length_steps, control=g.control)
   num_steps = pick(c.train.num_steps, "num_steps")
   epochs = pick(c.train.epochs, "epochs")
   if num_steps <= 0 and epochs <= 0:

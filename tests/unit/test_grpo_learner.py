@@ -227,14 +227,51 @@ def test_rollout_old_logp_and_update_compile_once_per_shape(tokenizer):
   # xdist worker on jax 0.12 (the test passes alone there), most likely an older sampler
   # entry evicted from the jit caches' shared LRU while this one was added.
   sampler._sample_jit.clear_cache()
+  batches, lengths = learner._micro_batches, []
+
+  def sized(*a, **k):  # the learner's padded lengths (cfg.length_steps grid)
+    out = batches(*a, **k)
+    lengths.extend(int(mb["input_ids"].shape[-1]) for mb in out)
+    return out
+  learner._micro_batches = sized
   for seed in range(3):  # different prompts, the same (prompt, response) buckets
     state, m = learner.iteration(state, _prompt_batch(seed))
     assert m["ok"] and m["optimizer_steps"] == 2
     assert np.isfinite(m["loss"]) and 1 <= m["response_length_mean"] <= 6
   assert int(state.step) == 6
   assert sampler._sample_jit._cache_size() == 1
-  assert learner.logp.num_traces() == 1 and learner.update.num_traces() == 1
+  # Rows of 19 to 27 tokens: on the 16-token grid of (0, 96] (8 steps), not the bucket 96.
+  assert set(lengths) <= {32} and lengths
+  assert learner.logp.num_traces() == len(set(lengths)) == learner.update.num_traces()
   for k in ("reward_mean", "reward/format", "reward/accuracy", "pg_clipfrac", "ppo_kl",
             "entropy", "rollout_time", "old_logp_time", "update_time",
             "rollout_tokens_per_second", "update_tokens_per_second", "advantage_std"):
     assert k in m and np.isfinite(m[k]), k
+
+
+def test_length_steps_pad_less_with_the_same_logprobs_and_loss():
+  """Learner micro-batches on the finer length grid (length_steps > 1) give the log-probs
+  and the update of the bucket-padded ones (length_steps 1), up to float rounding."""
+  graphdef, state, tx, lr = _setup(cfg=MICRO)
+  ro = _rollout(seed=3, n=2, g=2, cfg=MICRO)
+  adv = np.array([1.0, -1.0, 0.5, -0.5], np.float32)
+  out, shapes = [], []
+  for steps in (1, 8):
+    cfg = learner_lib.GRPOConfig(group_size=2, prompts_per_rollout=2, mini_batch_prompts=2,
+                                 logp_chunk=0, length_steps=steps)
+    learner = learner_lib.GRPOLearner(graphdef, tx, lr, cfg=cfg, tokenizer=None, options=OPTS,
+                                      model_config=MICRO, pad_id=PAD)
+    old = learner._logprobs((state.params, state.frozen, state.rest), ro, adv)
+    micro = learner._micro_batches(ro, adv, {"old_logprobs": old})
+    shapes.append(micro[0]["input_ids"].shape[-1])
+    new_state, m = learner.update(jax.tree.map(jnp.copy, state), tuple(micro))
+    out.append((old, m, new_state.params))
+  assert shapes[0] == 96 and shapes[1] < 96 and shapes[1] % 16 == 0
+  np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5, atol=1e-6)
+  for k in ("loss", "entropy", "grad_norm"):
+    np.testing.assert_allclose(float(out[0][1][k]), float(out[1][1][k]), rtol=1e-4, atol=1e-6)
+  # AdamW's first step moves every parameter by ~lr (1e-3) whatever its gradient's size:
+  # rounding in a tiny gradient shows up to ~lr times its relative error.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                       rtol=1e-4, atol=1e-5),
+               out[0][2], out[1][2])

@@ -338,6 +338,16 @@ def test_options_validation():
   assert o.length_bucket(513) == 1000 and o.patch_bucket(300) == 512
   with pytest.raises(ValueError, match="max_seq_len"):
     o.length_bucket(1001)
+  # length steps: each interval between buckets cut into `steps` steps (multiples of 8),
+  # never past the bucket itself.
+  o = PipelineOptions(max_seq_len=8192)
+  assert o.length_bucket(407, 8) == 416 and o.length_bucket(407, 4) == 448
+  assert o.length_bucket(407, 1) == o.length_bucket(407) == 512
+  assert o.length_bucket(1, 8) == 32 and o.length_bucket(256, 8) == 256
+  assert o.length_bucket(257, 8) == 288 and o.length_bucket(5000, 8) == 5120
+  grid = {o.length_bucket(n, 8) for n in range(1, 8193)}
+  assert len(grid) == 8 * len(o.length_buckets) and all(n % 8 == 0 for n in grid)
+  assert PipelineOptions(max_seq_len=1000).length_bucket(999, 8) == 1000
 
 
 def test_synthetic_benchmark_end_to_end(tmp_path):

@@ -41,19 +41,20 @@ class RuntimeOptions:
     (cuDNN flash on GPU where it applies, Pallas splash on TPU, blockwise elsewhere),
     "blockwise" (online softmax over key/value blocks, pure XLA), "cudnn", "pallas", or
     "reference" / "xla" (the explicit-mask path: exact, O(T^2) memory; small shapes, tests).
-  attention_block: query / key block length of the blockwise backend (memory O(T * block)).
+  attention_block: query / key block length of the blockwise backend (memory O(T * block));
+    None = by platform (attention.default_block: 64 on CPU, 512 on GPU / TPU).
   """
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: str = "none"
   attention_impl: str | None = None
-  attention_block: int = 512
+  attention_block: int | None = None
 
   def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat {self.remat!r} not one of {REMAT_POLICIES}")
     check_impl(self.attention_impl)
-    if self.attention_block < 1:
+    if self.attention_block is not None and self.attention_block < 1:
       raise ValueError(f"attention_block {self.attention_block} must be >= 1")
 
 

@@ -51,7 +51,7 @@ class AttentionInputs:
   q_positions: jax.Array | None
   valid: jax.Array
   impl: str = flax.struct.field(pytree_node=False, default="blockwise")
-  block: int = flax.struct.field(pytree_node=False, default=512)
+  block: int | None = flax.struct.field(pytree_node=False, default=None)  # None: by platform
   prefix_segments: jax.Array | None = None  # [Bp, P] int32, a shared prefix's validity
 
 

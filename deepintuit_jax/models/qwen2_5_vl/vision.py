@@ -48,7 +48,7 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def block_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocks: BlockLayout,
-                    impl: str, block: int = 512) -> jax.Array:
+                    impl: str, block: int | None = None) -> jax.Array:
   """Segment-local attention: q, k, v [N, H, hd] (permuted order) -> [N, H*hd].
 
   Tokens are gathered into [S, L, H, hd] blocks and attend within their segment

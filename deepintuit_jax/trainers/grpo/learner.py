@@ -66,6 +66,10 @@ class GRPOConfig:
   max_refills: int = 2
   rewards: tuple[tuple[str, float], ...] = (("format", 1.0), ("accuracy", 1.0))
   logp_chunk: int = 1024
+  # Learner rows are padded to the pipeline's length bucket interval cut into this many
+  # steps (PipelineOptions.length_bucket): less padding, at most length_steps compiled
+  # shapes per bucket for the update and log-prob passes; 1 = the buckets themselves.
+  length_steps: int = 8
   control: bool = False  # roll out and score only, never update (the frozen-policy control)
 
   def __post_init__(self):
@@ -78,6 +82,8 @@ class GRPOConfig:
       raise ValueError(f"grpo.prompts_per_rollout {self.prompts_per_rollout} must be a multiple "
                        f"of grpo.mini_batch_prompts {self.mini_batch_prompts}, itself a multiple "
                        f"of grpo.micro_batch_prompts {micro}")
+    if self.length_steps < 1:
+      raise ValueError(f"grpo.length_steps must be >= 1: {self.length_steps}")
     if self.kl_coef < 0 or self.entropy_coef < 0 or self.tis_cap < 0 or self.logp_chunk < 0:
       raise ValueError("grpo.kl_coef, entropy_coef, tis_cap and logp_chunk must be >= 0")
     if not 0.0 < self.top_p <= 1.0 or self.temperature <= 0:
@@ -285,9 +291,11 @@ class GRPOLearner:
     """Host learner micro-batches of whole prompt groups, in prompt order, all padded to
     the largest (length, patch) buckets among them (agreed by every process), so that an
     iteration's micro-batches share one shape: one compile per bucket pair, scan over
-    accumulated micro-batches."""
+    accumulated micro-batches. The length is on the grid of cfg.length_steps steps per
+    length bucket (at most that many shapes per bucket)."""
     ranges = self._prompt_ranges(ro)
-    needs = [ro.shape_needs(r, options=self.options, groups=self.groups) for r in ranges]
+    needs = [ro.shape_needs(r, options=self.options, groups=self.groups,
+                            length_steps=self.cfg.length_steps) for r in ranges]
     length, patches = pipeline.process_max((max(n[0] for n in needs), max(n[1] for n in needs)))
     return [ro.micro_batch(r, advantages=adv, options=self.options,
                            model_config=self.model_config, pad_id=self.pad_id,

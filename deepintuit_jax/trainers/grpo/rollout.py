@@ -108,11 +108,13 @@ class Rollout:
       starts.append(start)
     return examples, starts
 
-  def shape_needs(self, prompts: Sequence[int], *, options, groups: int = 1) -> tuple[int, int]:
-    """(length bucket, patch bucket) the micro-batch of these prompts needs."""
+  def shape_needs(self, prompts: Sequence[int], *, options, groups: int = 1,
+                  length_steps: int = 1) -> tuple[int, int]:
+    """(length bucket, patch bucket) the micro-batch of these prompts needs (the length on
+    the finer grid of `length_steps`, see PipelineOptions.length_bucket)."""
     examples, _ = self._examples(self.rows(prompts))
     return batching.shape_needs(examples, batch_size=len(examples), options=options,
-                                groups=groups)
+                                groups=groups, length_steps=length_steps)
 
   def micro_batch(self, prompts: Sequence[int], *, advantages: np.ndarray, options,
                   model_config, pad_id: int, groups: int = 1,
