@@ -10,6 +10,7 @@ into a local temporary directory that `staged` copies to the destination afterwa
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -98,5 +99,77 @@ def staged(dst: str | os.PathLike) -> Iterator[str]:
   try:
     yield tmp
     copy_tree(tmp, dst)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, obj, **dump_kw) -> None:
+  """`obj` as JSON (then a newline), written whole (see `write_text`)."""
+  write_text(path, json.dumps(obj, **dump_kw) + "\n")
+
+
+def read_json(path: str | os.PathLike):
+  return json.loads(read_text(path))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """`data` written whole: atomically on a local disk, as one object on a bucket."""
+  p = as_path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(p):
+    p.write_bytes(data)
+    return
+  tmp = p.parent / f"{p.name}.tmp-{os.getpid()}"
+  tmp.write_bytes(data)
+  os.replace(tmp, p)
+
+
+def exists(path: str | os.PathLike) -> bool:
+  return as_path(path).exists()
+
+
+def isfile(path: str | os.PathLike) -> bool:
+  return as_path(path).is_file()
+
+
+def isdir(path: str | os.PathLike) -> bool:
+  return as_path(path).is_dir()
+
+
+def makedirs(path: str | os.PathLike) -> None:
+  as_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def listdir(path: str | os.PathLike) -> list[str]:
+  """The names in a directory (sorted)."""
+  return sorted(p.name for p in as_path(path).iterdir())
+
+
+def open_file(path: str | os.PathLike, mode: str = "r", **kw):
+  """A file object for reading (or writing whole) a local file or an object."""
+  return as_path(path).open(mode, **kw)
+
+
+@contextlib.contextmanager
+def fetched(path: str | os.PathLike) -> Iterator[str]:
+  """A local directory holding `path`'s files: `path` itself when it is local, else a
+  temporary copy of the remote directory (for readers that take local paths only: the
+  safetensors reader, transformers' tokenizer), removed when the body ends."""
+  if not is_remote(path):
+    yield os.fspath(as_path(path))
+    return
+  tmp = tempfile.mkdtemp(prefix="deepintuit_fetch_")
+  try:
+    todo = [(as_path(path), tmp)]  # epath refuses a recursive glob on a bucket
+    while todo:
+      src, dst = todo.pop()
+      os.makedirs(dst, exist_ok=True)
+      for f in src.iterdir():
+        if f.is_dir():
+          todo.append((f, os.path.join(dst, f.name)))
+        else:
+          with open(os.path.join(dst, f.name), "wb") as fh:
+            fh.write(f.read_bytes())
+    yield tmp
   finally:
     shutil.rmtree(tmp, ignore_errors=True)

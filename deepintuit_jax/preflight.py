@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+from deepintuit_jax import paths
 from deepintuit_jax.errors import ConfigError, InputNotFound
 
 # key -> (predicate, what a valid value is). -1 means "by recipe" where the config says so.
@@ -69,9 +70,9 @@ def _get(config, dotted: str):
 
 
 def _exists(key: str, path: str, *, kind: str) -> None:
-  ok = os.path.isdir(path) if kind == "directory" else os.path.isfile(path)
+  ok = paths.isdir(path) if kind == "directory" else paths.isfile(path)
   if not ok:
-    what = "no such " + kind if not os.path.exists(path) else f"not a {kind}"
+    what = "no such " + kind if not paths.exists(path) else f"not a {kind}"
     raise InputNotFound(f"{key}={path!r}: {what}")
 
 

@@ -93,7 +93,7 @@ def holds_results(workdir: str) -> bool:
   chain, configs/deepintuit.py): then a failed run must not remove anything."""
   if latest_checkpoint_step(workdir) is not None:
     return True
-  subs = os.listdir(workdir) if os.path.isdir(workdir) else []
+  subs = paths.listdir(workdir) if paths.isdir(workdir) else []
   return any(latest_checkpoint_step(os.path.join(workdir, d)) is not None for d in subs)
 
 

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from deepintuit_jax import paths
 from deepintuit_jax.data import errors
 from deepintuit_jax.data.errors import BadSample, SkipLedger
 from deepintuit_jax.errors import InputError, InputNotFound
@@ -60,8 +61,8 @@ class Record:
 def _read_text(path: str, what: str) -> str:
   """The file's text; a missing file or one that is not UTF-8 is a one-line error."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return f.read()
+    text = paths.as_path(path).read_bytes().decode("utf-8")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as open()'s universal newlines
   except FileNotFoundError:
     raise InputNotFound(f"{what} {path!r} does not exist") from None
   except UnicodeDecodeError as e:

@@ -20,6 +20,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from deepintuit_jax import paths
 from deepintuit_jax.data import prompts
 
 # The release's generation-input fields carrying the text materials.
@@ -119,9 +120,5 @@ def build_examples(records: Sequence[Any], traces: Sequence[Mapping[str, Any]],
 def write_examples(path: str | os.PathLike, examples: Sequence[Mapping[str, Any]]) -> str:
   """Writes examples as a release-format JSON list (atomic replace); returns the path."""
   path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(list(examples), f, ensure_ascii=False, indent=1)
-  os.replace(tmp, path)
+  paths.write_text(path, json.dumps(list(examples), ensure_ascii=False, indent=1))
   return path

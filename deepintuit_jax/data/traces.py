@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from deepintuit_jax import interrupts
+from deepintuit_jax import interrupts, paths
 from deepintuit_jax.data import prompts
 
 Key = tuple[str, int]
@@ -62,8 +62,7 @@ def check_row(row: Any, where: str = "trace row") -> Key:
 def _scan(path: str) -> tuple[list[dict], int]:
   """(rows, byte length of the complete lines) of a trace file; the tail after the last
   newline is a torn row and is not part of either. Bad complete lines are errors."""
-  with open(path, "rb") as f:
-    data = f.read()
+  data = paths.as_path(path).read_bytes()
   good = data.rfind(b"\n") + 1  # bytes up to and including the last newline
   rows, seen = [], {}
   for lineno, line in enumerate(data[:good].split(b"\n")[:-1], 1):
@@ -86,7 +85,7 @@ def _scan(path: str) -> tuple[list[dict], int]:
 def read_traces(path: str | os.PathLike) -> list[dict[str, Any]]:
   """The complete rows of a trace file, in file order (a torn last line is left out)."""
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"trace file {path!r} does not exist")
   return _scan(path)[0]
 
@@ -100,25 +99,34 @@ class TraceWriter:
           w.write([trace_row(item_id, k, text, sampling=s) for k, text in ...])
 
   Opening truncates a torn last line (reported in `repaired_bytes`). Only one writer per
-  file (one process): the caller runs it on process 0.
+  file (one process): the caller runs it on process 0. On a bucket (no appends) each write
+  uploads the whole file again: an object is always a complete prefix of the rows.
   """
 
   def __init__(self, path: str | os.PathLike):
     self.path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    self.remote = paths.is_remote(self.path)
+    if not self.remote:
+      self.path = os.path.abspath(self.path)
+    paths.makedirs(os.path.dirname(self.path))
     self.repaired_bytes = 0
     rows: list[dict] = []
-    if os.path.exists(self.path):
+    self._blob = b""  # a bucket's object as written so far
+    if paths.exists(self.path):
       rows, good = _scan(self.path)
-      size = os.path.getsize(self.path)
-      if size > good:
+      size = paths.as_path(self.path).stat().length
+      if self.remote:
+        self._blob = paths.as_path(self.path).read_bytes()[:good]
+        if size > good:
+          paths.write_bytes(self.path, self._blob)
+      elif size > good:
         with open(self.path, "r+b") as f:
           f.truncate(good)
           f.flush()
           os.fsync(f.fileno())
-        self.repaired_bytes = size - good
+      self.repaired_bytes = size - good
     self._done: set[Key] = {(r["item_id"], r["trace_index"]) for r in rows}
-    self._f = open(self.path, "ab")
+    self._f = None if self.remote else open(self.path, "ab")
 
   @property
   def done(self) -> frozenset[Key]:
@@ -152,14 +160,18 @@ class TraceWriter:
       return
     blob = b"".join(json.dumps(dict(r), ensure_ascii=False).encode("utf-8") + b"\n"
                     for r in rows)
-    self._f.write(blob)
-    self._f.flush()
-    os.fsync(self._f.fileno())
+    if self.remote:
+      self._blob += blob
+      paths.write_bytes(self.path, self._blob)
+    else:
+      self._f.write(blob)
+      self._f.flush()
+      os.fsync(self._f.fileno())
     self._done.update(keys)
     interrupts.kill_point(f"{len(keys)} trace rows written to {self.path}")
 
   def close(self) -> None:
-    if not self._f.closed:
+    if self._f is not None and not self._f.closed:
       self._f.close()
 
   def __enter__(self) -> "TraceWriter":

@@ -8,12 +8,14 @@ works headless and from threads. Inputs are the entries of `metrics.classificati
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from deepintuit_jax import paths
 from deepintuit_jax.evals import metrics as metrics_lib
 
 
@@ -86,8 +88,9 @@ def reliability_figure(rel: Mapping[str, Any], *, title: str = ""):
 
 
 def save_png(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, format="png")
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  paths.write_bytes(path, buf.getvalue())
   return path
 
 

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from deepintuit_jax import paths
 from deepintuit_jax.evals import metrics as metrics_lib
 
 COLLAPSE_SHARE = 0.9   # a model giving one class to at least this share of items is flagged
@@ -131,13 +132,6 @@ def _jsonable(x: Any) -> Any:
   return x
 
 
-def _atomic_write(path: str, text: str) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def write_report(out_dir: str, results: Results, *, step: int | None = None,
                  final: bool = False, title: str = "Evaluation", plots: bool = True,
                  tensorboard=None, share: float = COLLAPSE_SHARE) -> dict[str, Any]:
@@ -153,7 +147,7 @@ def write_report(out_dir: str, results: Results, *, step: int | None = None,
     "warnings": [lines]}.
   """
   from deepintuit_jax.evals import plots as plots_lib  # matplotlib only when plotting
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   pngs = plots_lib.write_plots(os.path.join(out_dir, PLOTS_DIR), results) if plots else {}
   rel = {m: {s: {k: os.path.relpath(p, out_dir) for k, p in kinds.items()}
              for s, kinds in splits.items()} for m, splits in pngs.items()}
@@ -161,8 +155,8 @@ def write_report(out_dir: str, results: Results, *, step: int | None = None,
     plots_lib.add_to_tensorboard(tensorboard, results, step=step or 0)
   warnings = collapse_warnings(results, share=share)
   md_path, json_path = os.path.join(out_dir, REPORT_MD), os.path.join(out_dir, REPORT_JSON)
-  _atomic_write(md_path, to_markdown(results, step=step, title=title, plots=rel, share=share))
-  _atomic_write(json_path, json.dumps(_jsonable(
+  paths.write_text(md_path, to_markdown(results, step=step, title=title, plots=rel, share=share))
+  paths.write_text(json_path, json.dumps(_jsonable(
       {"step": step, "final": bool(final), "models": results, "warnings": warnings,
        "plots": rel}), indent=1, sort_keys=True) + "\n")
   return {"markdown": md_path, "json": json_path, "plots": pngs, "warnings": warnings}
@@ -172,10 +166,9 @@ def read_report(path: str) -> dict[str, Any]:
   """An eval_report.json (or the folder holding it) as {"step", "final", "models": {model:
   {split: metrics}}}; the older single-model form {"step", "splits"} reads as model "model"
   with final unknown (None)."""
-  if os.path.isdir(path):
+  if paths.isdir(path):
     path = os.path.join(path, REPORT_JSON)
-  with open(path, encoding="utf-8") as f:
-    data = json.load(f)
+  data = paths.read_json(path)
   if not isinstance(data, dict) or not ("models" in data or "splits" in data):
     raise ValueError(f"{path}: not an eval report (no 'models' or 'splits' key)")
   if "models" not in data:

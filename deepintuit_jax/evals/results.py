@@ -19,6 +19,7 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
+from deepintuit_jax import paths
 from deepintuit_jax.evals import report
 
 RESULTS_MD, RESULTS_JSON = "results.md", "results.json"
@@ -34,13 +35,12 @@ def collect_reports(workdir: str, steps: Sequence[str]) -> list[tuple[str, Mappi
   out = []
   for step in steps:
     path = os.path.join(workdir, step, report.REPORT_JSON)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       continue
     models = dict(report.read_report(path)["models"])
     order_file = os.path.join(workdir, step, ORDER_FILE)
-    if os.path.isfile(order_file):  # the report JSON sorts its keys; the step's own order
-      with open(order_file) as f:
-        order = [m for m in json.load(f) if m in models]
+    if paths.isfile(order_file):  # the report JSON sorts its keys; the step's own order
+      order = [m for m in paths.read_json(order_file) if m in models]
       models = {m: models[m] for m in order + [m for m in models if m not in order]}
     if list(models) == ["model"]:
       models = {step: models["model"]}
@@ -102,8 +102,5 @@ def write_results(workdir: str, rows: Sequence[Mapping[str, Any]], *, close: str
   data = {"close_split": close, "open_split": open_, "rows": list(rows)}
   data.update({name: v for name, (_, v) in sections.items()})
   for path, text in ((md, text_md), (js, json.dumps(data, indent=1) + "\n")):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
+    paths.write_text(path, text)
   return {"markdown": md, "json": js}

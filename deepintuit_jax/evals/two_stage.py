@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepintuit_jax import paths
 from deepintuit_jax import sharding as sharding_lib
 from deepintuit_jax.data import annotations, calibration, chat, pipeline, prompts, traces
 from deepintuit_jax.evals import generation, metrics as metrics_lib
@@ -77,12 +78,13 @@ def load_model(path: str, labels: Sequence[str], *, dtype=jnp.bfloat16, mesh=Non
   from transformers import AutoTokenizer
 
   from deepintuit_jax.models import qwen2_5_vl
-  if not os.path.isfile(os.path.join(path, "config.json")):
+  if not paths.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"{path!r} is not an HF model directory (no config.json)")
-  tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-  chat.add_tokens_for_mode(tokenizer, labels, tokens)
-  model = qwen2_5_vl.from_pretrained(path, dtype=dtype, mesh=mesh,
-                                     rope_convention=rope_convention)
+  with paths.fetched(path) as local:  # a bucket's HF directory is read from a local copy
+    tokenizer = AutoTokenizer.from_pretrained(local, local_files_only=True)
+    chat.add_tokens_for_mode(tokenizer, labels, tokens)
+    model = qwen2_5_vl.from_pretrained(local, dtype=dtype, mesh=mesh,
+                                       rope_convention=rope_convention)
   need = chat.required_vocab_size(tokenizer)
   if need > model.config.text.vocab_size:
     model = qwen2_5_vl.resize_token_embeddings(model, need, seed=seed)
@@ -228,10 +230,7 @@ def calibrated_rows(records: Sequence[Any], trace_rows: Sequence[Mapping[str, An
 
 def write_rows(path: str, rows: Sequence[Mapping[str, Any]]) -> str:
   """JSONL, replaced atomically."""
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-  os.replace(tmp, path)
+  paths.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
   return path
 
 
@@ -265,7 +264,7 @@ def two_stage(policy: str, calibrator: str, records: Sequence[Any] | str, *,
   if isinstance(records, str):
     records = annotations.load_records(records, on_bad_sample=options.on_bad_sample)
   options = dataclasses.replace(options, labels=None, shuffle=False)
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   trace_path = os.path.join(out_dir, "traces.jsonl")
   model, tokenizer = load_model(policy, labels, dtype=cfg.dtype, mesh=mesh, tokens=cfg.tokens,
                                 rope_convention=cfg.rope_convention)

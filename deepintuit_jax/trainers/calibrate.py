@@ -20,7 +20,6 @@ Both give `[b, C]` class logits in the order of `label_ids` (`class_logits`).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepintuit_jax import paths
 from deepintuit_jax.trainers import logprobs
 
 HEADS = ("label_token", "hidden_state")
@@ -169,19 +169,20 @@ def save_head(out: str, head: ClassifierHead, *, classes: Sequence[str], backbon
   """The hidden-state calibrator: head weights (safetensors) + calibrator.json naming the
   frozen backbone's HF directory (and `meta`, e.g. the prompt style). Returns `out`."""
   from deepintuit_jax.models import safetensors_io
-  os.makedirs(out, exist_ok=True)
-  safetensors_io.save_file({"kernel": np.asarray(head.kernel[...], np.float32),
-                            "bias": np.asarray(head.bias[...], np.float32)},
-                           os.path.join(out, HEAD_FILE))
-  write_meta(out, head="hidden_state", classes=list(classes), label_ids=list(label_ids),
-             backbone=backbone, **meta)
+  with paths.staged(out) as local:
+    safetensors_io.save_file({"kernel": np.asarray(head.kernel[...], np.float32),
+                              "bias": np.asarray(head.bias[...], np.float32)},
+                             os.path.join(local, HEAD_FILE))
+    write_meta(local, head="hidden_state", classes=list(classes), label_ids=list(label_ids),
+               backbone=backbone, **meta)
   return out
 
 
 def load_head(path: str) -> ClassifierHead:
   from deepintuit_jax.models import safetensors_io
-  f = safetensors_io.SafetensorsFile(os.path.join(path, HEAD_FILE))
-  kernel, bias = np.array(f.get("kernel")), np.array(f.get("bias"))
+  with paths.fetched(path) as local:
+    f = safetensors_io.SafetensorsFile(os.path.join(local, HEAD_FILE))
+    kernel, bias = np.array(f.get("kernel")), np.array(f.get("bias"))
   head = ClassifierHead(kernel.shape[0] // 2, kernel.shape[1], rngs=nnx.Rngs(0))
   head.kernel[...] = jnp.asarray(kernel)
   head.bias[...] = jnp.asarray(bias)
@@ -190,17 +191,15 @@ def load_head(path: str) -> ClassifierHead:
 
 def write_meta(out: str, **meta) -> None:
   """calibrator.json: head kind, classes (in score order), label token ids, backbone."""
-  with open(os.path.join(out, HEAD_META), "w") as f:
-    json.dump(meta, f, indent=1)
+  paths.write_json(os.path.join(out, HEAD_META), meta, indent=1)
 
 
 def read_meta(path: str) -> dict:
   """calibrator.json of a calibrator directory; a bare HF directory (no file) is read as a
   label-token calibrator."""
   file = os.path.join(path, HEAD_META)
-  if not os.path.isfile(file):
+  if not paths.isfile(file):
     return {"head": "label_token"}
-  with open(file) as f:
-    meta = json.load(f)
+  meta = paths.read_json(file)
   check_head(meta.get("head"))
   return meta

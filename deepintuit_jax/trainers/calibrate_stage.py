@@ -10,7 +10,6 @@ backbone). Two-stage inference (`evals.two_stage.Calibrator`) loads either.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -18,6 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from deepintuit_jax import paths
 from deepintuit_jax.data import chat
 from deepintuit_jax.trainers import calibrate, optim, sft, stage, traces_stage
 from deepintuit_jax.trainers.sft_stage import TrainSpec
@@ -51,19 +51,18 @@ class CalibrateRun:
 def _trace_inputs(traces: str, train_file: str, class_file: str) -> tuple[str, str, dict]:
   """(calibration file, class file, calibration_meta) from the trace workdir (explicit data
   files win)."""
-  root = os.path.abspath(os.path.expanduser(traces)) if traces else ""
+  root = paths.join(os.path.expanduser(traces)) if traces else ""
   train_file = train_file or os.path.join(root, "calibration_train.json")
-  if not os.path.isfile(train_file):
+  if not paths.isfile(train_file):
     raise FileNotFoundError(f"calibration examples {train_file!r} do not exist: run "
                             f"`{TRACES_COMMAND}` first, or set --config.traces to its workdir "
                             "(or data.train_file to a release-format calibration file)")
-  if not class_file and os.path.isfile(os.path.join(root, "classes.json")):
+  if not class_file and paths.isfile(os.path.join(root, "classes.json")):
     class_file = os.path.join(root, "classes.json")
   meta_file = os.path.join(os.path.dirname(train_file), traces_stage.META)
   meta = {}
-  if os.path.isfile(meta_file):
-    with open(meta_file) as f:
-      meta = json.load(f)
+  if paths.isfile(meta_file):
+    meta = paths.read_json(meta_file)
   return train_file, class_file, meta
 
 

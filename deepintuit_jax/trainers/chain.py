@@ -15,7 +15,6 @@ second run in the chain or in one of its steps' workdirs is refused (`deepintuit
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -23,6 +22,7 @@ from typing import Any, Callable, Mapping
 import jax
 
 from deepintuit_jax import interrupts, lease, preflight
+from deepintuit_jax import paths as paths_lib
 from deepintuit_jax.evals import curves
 from deepintuit_jax.evals import results as results_lib
 
@@ -112,7 +112,7 @@ def run(c, *, workdir: str, mesh, stages: Mapping[str, Callable]) -> dict[str, A
   for name in steps:
     sub_dir = os.path.join(workdir, name)
     done = os.path.join(sub_dir, DONE)
-    if os.path.isfile(done):
+    if paths_lib.isfile(done):
       print(f"[chain] step {name}: finished before, skipped ({done})", flush=True)
       continue
     sub = step_config(c, name, steps, workdir)
@@ -121,21 +121,19 @@ def run(c, *, workdir: str, mesh, stages: Mapping[str, Callable]) -> dict[str, A
     t0 = time.perf_counter()
     preflight.check_config(sub)  # the checks main runs on a stage's own config
     cfg = stage.from_config(sub)
-    os.makedirs(sub_dir, exist_ok=True)
+    paths_lib.makedirs(sub_dir)
     # The step's own lease (the chain holds its root's too): a run started by hand in the
     # step's workdir meanwhile is refused, and none is overwritten by this one.
     with lease.Lease(sub_dir, enabled=is_main):
       if is_main:
-        with open(os.path.join(sub_dir, "run_config.json"), "w") as f:
-          json.dump(sub.to_dict(), f, indent=2, sort_keys=True, default=str)
-        with open(os.path.join(sub_dir, "resolved_config.txt"), "w") as f:
-          f.write(repr(cfg) + "\n")
+        paths_lib.write_json(os.path.join(sub_dir, "run_config.json"), sub.to_dict(), indent=2,
+                             sort_keys=True, default=str)
+        paths_lib.write_text(os.path.join(sub_dir, "resolved_config.txt"), repr(cfg) + "\n")
       stage.run(cfg, workdir=sub_dir, mesh=mesh)
     seconds = time.perf_counter() - t0
     if is_main:
-      with open(done, "w") as f:
-        json.dump({"step": name, "stage": sub.stage, "seconds": seconds,
-                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=1)
+      paths_lib.write_json(done, {"step": name, "stage": sub.stage, "seconds": seconds,
+                                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1)
     interrupts.kill_point(f"chain step {name} done ({done})")
     print(f"[chain] step {name} done in {seconds:.0f} s", flush=True)
   reports = results_lib.collect_reports(workdir, steps)
@@ -147,8 +145,7 @@ def run(c, *, workdir: str, mesh, stages: Mapping[str, Callable]) -> dict[str, A
     paths = results_lib.write_results(
         workdir, rows, close=c.close_split, open_=c.open_split,
         sections={"grpo_rewards": (curves.markdown(summary), summary["runs"])})
-    with open(paths["markdown"]) as f:
-      print(f.read(), flush=True)
+    print(paths_lib.read_text(paths["markdown"]), flush=True)
     print(f"[chain] finished in {time.perf_counter() - t_chain:.0f} s this run; results in "
           f"{paths['markdown']}", flush=True)
   return {"rows": rows}

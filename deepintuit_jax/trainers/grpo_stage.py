@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from deepintuit_jax import paths
 from deepintuit_jax.data import chat, pipeline
 from deepintuit_jax.evals import curves, generation
 from deepintuit_jax.trainers import loop, optim, stage
@@ -119,8 +120,8 @@ def resolve_init_from(init_from: str) -> str:
   command to run first."""
   if init_from in ("", "none"):
     return ""
-  path = os.path.abspath(os.path.expanduser(init_from))
-  if not os.path.exists(path):
+  path = paths.join(os.path.expanduser(init_from))
+  if not paths.exists(path):
     raise FileNotFoundError(
         f"init_from {init_from!r} does not exist: GRPO starts from the SFT stage's result; "
         f"run `{SFT_COMMAND}` first (or set --config.init_from to an SFT workdir or HF "

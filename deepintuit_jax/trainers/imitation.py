@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from deepintuit_jax import sharding
+from deepintuit_jax import paths, sharding
 from deepintuit_jax.data import annotations, pipeline
 from deepintuit_jax.evals import metrics as metrics_lib, report
 from deepintuit_jax.models import tiny_base, video_classifier as vc
@@ -292,8 +292,8 @@ class Evaluator:
       self.writer.write(step, dict(split=name, **{k: v for k, v in m.items() if isinstance(
           v, (int, float))}), prefix=f"eval/{name}/")
       if is_main:
-        with open(os.path.join(self.workdir, f"predictions_{name}_step{step}.jsonl"), "w") as f:
-          f.writelines(json.dumps(p) + "\n" for p in preds)
+        paths.write_text(os.path.join(self.workdir, f"predictions_{name}_step{step}.jsonl"),
+                         "".join(json.dumps(p) + "\n" for p in preds))
         print(f"[eval step {step}] {self.model_name} {name}: accuracy "
               f"{m.get('accuracy', float('nan')):.3f} macro_f1 "
               f"{m.get('macro_f1', float('nan')):.3f} (n={int(m['n'])})", flush=True)

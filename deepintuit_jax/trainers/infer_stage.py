@@ -10,12 +10,12 @@ a kill continues them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
 import jax
 
+from deepintuit_jax import paths
 from deepintuit_jax.data import annotations, traces
 from deepintuit_jax.evals import generation, report, results as results_lib, two_stage
 from deepintuit_jax.trainers import calibrate, loop, stage, traces_stage
@@ -52,9 +52,9 @@ def parse_models(spec: str, what: str) -> tuple[tuple[str, str], ...]:
 def resolve_calibrator(path: str, what: str = "infer.calibrators") -> str:
   """A calibrator directory: itself (calibrator.json or config.json), or a calibrate
   workdir's hf/ (label_token) or head/ (hidden_state)."""
-  path = os.path.abspath(os.path.expanduser(path))
+  path = paths.join(path)
   for cand in (path, os.path.join(path, "hf"), os.path.join(path, "head")):
-    if any(os.path.isfile(os.path.join(cand, f)) for f in (calibrate.HEAD_META, "config.json")):
+    if any(paths.isfile(os.path.join(cand, f)) for f in (calibrate.HEAD_META, "config.json")):
       return cand
   raise FileNotFoundError(f"{what}: {path!r} holds no calibrator (calibrator.json or an HF "
                           "directory, or a calibrate workdir's hf/ or head/); run "
@@ -155,12 +155,12 @@ def run(cfg: InferRun, *, workdir: str, mesh) -> dict[str, Any]:
     del cal
   if main:
     from tensorboardX import SummaryWriter
-    tb = SummaryWriter(os.path.join(workdir, "tb"))
-    out = report.write_report(workdir, results, final=True, title="Two-stage evaluation",
-                              tensorboard=tb)
-    tb.close()
-    with open(os.path.join(workdir, results_lib.ORDER_FILE), "w") as f:
-      json.dump(list(results), f)
+    with paths.staged(os.path.join(workdir, "tb")) as tb_dir:
+      tb = SummaryWriter(tb_dir)
+      out = report.write_report(workdir, results, final=True, title="Two-stage evaluation",
+                                tensorboard=tb)
+      tb.close()
+    paths.write_json(os.path.join(workdir, results_lib.ORDER_FILE), list(results))
     for line in out["warnings"]:
       print(line, flush=True)
     print(f"report: {out['markdown']}", flush=True)

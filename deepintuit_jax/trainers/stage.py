@@ -173,8 +173,8 @@ def eval_spec(c, pick: Recipe) -> generation.EvalConfig:
 
 
 def _is_hf_dir(path: str) -> bool:
-  return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and any(
-      f.endswith((".safetensors", ".safetensors.index.json")) for f in os.listdir(path))
+  return paths.isdir(path) and paths.isfile(os.path.join(path, "config.json")) and any(
+      f.endswith((".safetensors", ".safetensors.index.json")) for f in paths.listdir(path))
 
 
 @dataclasses.dataclass
@@ -212,23 +212,26 @@ def prepare(*, seed: int, init_from: str, model: ModelSpec, data: DataSpec,
       # The architecture and tokenizer those checkpoints were trained with (e.g. the tiny
       # base the SFT default starts from), when recorded and still there.
       recorded = checkpointing.recorded_source(init_from)
-      if recorded and recorded != source and not paths.is_remote(recorded) and _is_hf_dir(
-          recorded):
+      if recorded and recorded != source and _is_hf_dir(recorded):
         source = recorded
-    elif not paths.is_remote(init_from) and os.path.isdir(init_from) and _is_hf_dir(init_from):
+    elif _is_hf_dir(init_from):
       source, init_kind = init_from, "init_from (HF)"
     elif ck.latest_step() is None:
       raise FileNotFoundError(f"init_from {init_from!r}: neither an HF directory "
                               "(config.json + safetensors) nor a directory of complete Orbax "
                               "checkpoints")
     # else: resuming from the workdir's own checkpoint; the start point is not needed.
-  if not paths.is_remote(source):
-    source = os.path.abspath(source)
+  source = paths.join(source)
   if init_kind == "init_from (checkpoint)":  # the HF source is the base, not what trained
     Qwen2_5_VLConfig.check_rope_convention(
         model.rope_convention, checkpointing.recorded_rope_convention(init_from), init_from)
   ck.model_source, ck.rope_convention = source, model.rope_convention
-  tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+  with paths.fetched(source) as local:  # a bucket's HF directory is read from a local copy
+    tokenizer = AutoTokenizer.from_pretrained(local, local_files_only=True)
+    opts = RuntimeOptions(dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat,
+                          attention_impl=model.attention_impl)
+    net = qwen2_5_vl.from_pretrained(local, mesh=mesh, opts=opts,
+                                     rope_convention=model.rope_convention)
   ledger = errors.SkipLedger()
   classes = list(annotations.load_class_file(data.class_file)) if data.class_file else None
   records = annotations.load_records(data.train_file, on_bad_sample=data.options.on_bad_sample,
@@ -236,10 +239,6 @@ def prepare(*, seed: int, init_from: str, model: ModelSpec, data: DataSpec,
   classes = classes or annotations.labels_from_records(records)
   chat.add_tokens_for_mode(tokenizer, classes, data.special_tokens)  # one token per label
   options = dataclasses.replace(data.options, labels=tuple(classes))
-  opts = RuntimeOptions(dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat,
-                        attention_impl=model.attention_impl)
-  net = qwen2_5_vl.from_pretrained(source, mesh=mesh, opts=opts,
-                                   rope_convention=model.rope_convention)
   need = chat.required_vocab_size(tokenizer)
   if need > net.config.text.vocab_size:
     net = qwen2_5_vl.resize_token_embeddings(net, need, seed=seed)

@@ -11,13 +11,12 @@ accuracy and format rate against the labels).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
 import jax
 
-from deepintuit_jax import checkpointing
+from deepintuit_jax import checkpointing, paths
 from deepintuit_jax.data import annotations, calibration, errors, prompts, traces
 from deepintuit_jax.evals import generation, two_stage
 from deepintuit_jax.trainers import loop, stage
@@ -56,9 +55,9 @@ def resolve_policy(init_from: str, model: ModelSpec, *, what: str = "init_from",
   directory or a stage workdir holding its `hf/` export; "none" / "" = model.checkpoint."""
   if init_from in ("", "none"):
     return model.checkpoint
-  path = os.path.abspath(os.path.expanduser(init_from))
+  path = paths.join(os.path.expanduser(init_from))
   for cand in (path, os.path.join(path, "hf")):
-    if os.path.isfile(os.path.join(cand, "config.json")):
+    if paths.isfile(os.path.join(cand, "config.json")):
       return cand
   raise FileNotFoundError(
       f"{what} {init_from!r}: neither an HF directory (config.json + safetensors) nor a stage "
@@ -136,8 +135,8 @@ def run(cfg: TracesRun, *, workdir: str, mesh) -> dict[str, Any]:
   examples = calibration.build_examples(_absolute_videos(records, o.video_root), rows, defs,
                                         priority=cfg.priority, compact=cfg.prompt == "compact")
   calibration.write_examples(os.path.join(workdir, "calibration_train.json"), examples)
-  with open(os.path.join(workdir, "classes.json"), "w") as f:  # in class order (not sorted)
-    json.dump(defs, f, indent=1, ensure_ascii=False)
+  paths.write_json(os.path.join(workdir, "classes.json"), defs, indent=1,  # in class order
+                   ensure_ascii=False)
   checkpointing.write_json(os.path.join(workdir, META), {
       "prompt": cfg.prompt, "priority": list(cfg.priority) if cfg.priority else None,
       "num_traces": cfg.num_traces, "policy": cfg.policy, "sampling": dataclasses.asdict(

@@ -1,5 +1,7 @@
 """The whole chain (`configs/deepintuit.py:pulse`, a few steps per stage): one uninterrupted
-run as the reference, and a run SIGKILLed in its trace step, in its calibration step, between
+run as the reference, on a `gs://` workdir (the offline fake bucket of tests/fake_bucket.py:
+every step's files must go through epath, none may land in the working directory), and a
+run on a local workdir SIGKILLed in its trace step, in its calibration step, between
 two steps and in its inference step, rerun after each kill, which must end with the same
 results.json, eval report, predictions, traces and metrics (issue 18 item 4).
 
@@ -37,12 +39,16 @@ def env(tmp_path_factory, xla_cache):
   return main_env(tmp_path_factory.mktemp("chain"), xla_cache)
 
 
-def _run(env, workdir, kill_after: str | None = None) -> subprocess.CompletedProcess:
-  """The pulse chain in `workdir`; `kill_after` arms the kill hook ("<n>:<label text>")."""
+def _run(env, workdir, kill_after: str | None = None, *, bucket: str | None = None,
+         cwd: str = REPO) -> subprocess.CompletedProcess:
+  """The pulse chain in `workdir`; `kill_after` arms the kill hook ("<n>:<label text>");
+  `bucket`: the local root of the fake gs:// bucket the run sees."""
   e = dict(env, **({KILL_AFTER: kill_after} if kill_after else {}))
-  cmd = [sys.executable, "-m", "deepintuit_jax.main", "--config=configs/deepintuit.py:pulse",
-         f"--workdir={workdir}", *ARGS]
-  return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=1200)
+  entry = (["-m", "tests.fake_bucket", f"--root={bucket}", "--"] if bucket else
+           ["-m", "deepintuit_jax.main"])
+  cmd = [sys.executable, *entry, f"--config={os.path.join(REPO, 'configs', 'deepintuit.py')}"
+         ":pulse", f"--workdir={workdir}", *ARGS]
+  return subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=1200)
 
 
 def _killed(p, what: str) -> None:
@@ -70,10 +76,14 @@ def _losses(path) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def reference(env, tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("reference") / "chain")
-  p = _run(env, wd)
+  """The uninterrupted chain on gs://bucket/chain; returns (the bucket's local folder of it,
+  the process)."""
+  root, cwd = tmp_path_factory.mktemp("bucket"), tmp_path_factory.mktemp("cwd")
+  p = _run(env, "gs://bucket/chain", bucket=str(root), cwd=str(cwd))
   assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-  return wd, p
+  assert os.listdir(cwd) == [], f"files written outside the bucket: {os.listdir(cwd)}"
+  assert "results in gs://bucket/chain/results.md" in p.stdout
+  return str(root / "bucket" / "chain"), p
 
 
 def test_chain_pulse_results(reference):

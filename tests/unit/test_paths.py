@@ -2,8 +2,10 @@
 no network): writes, appends, staging and removal."""
 from __future__ import annotations
 
+import json
 import os
 
+import pytest
 from etils import epath
 
 from deepintuit_jax import paths
@@ -80,3 +82,47 @@ def test_metrics_writer_on_a_bucket_path(tmp_path, monkeypatch):
   w = loop.MetricsWriter(os.path.join(bucket, "run"), tensorboard=False, resume_step=2)
   with open(os.path.join(bucket, "run", "metrics.jsonl")) as f:
     assert [json.loads(line) for line in f] == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  """The offline fake gs:// bucket (tests/fake_bucket.py) and an empty working directory."""
+  from tests import fake_bucket
+  (tmp_path / "cwd").mkdir()
+  monkeypatch.chdir(tmp_path / "cwd")
+  fake_bucket.install(tmp_path / "root")
+  yield tmp_path / "root" / "b"
+  assert os.listdir(tmp_path / "cwd") == []  # nothing bypassed epath
+
+
+def test_helpers_and_fetched_on_a_bucket(bucket):
+  paths.write_json("gs://b/run/hf/config.json", {"a": 1}, indent=1)
+  paths.write_bytes("gs://b/run/hf/sub/w.safetensors", b"abc")
+  assert paths.isfile("gs://b/run/hf/config.json") and paths.isdir("gs://b/run/hf/sub")
+  assert paths.read_json("gs://b/run/hf/config.json") == {"a": 1}
+  assert paths.listdir("gs://b/run/hf") == ["config.json", "sub"]
+  assert (bucket / "run" / "hf" / "config.json").read_text() == '{\n "a": 1\n}\n'
+  with paths.fetched("gs://b/run/hf") as local:
+    assert not local.startswith("gs:") and os.path.isabs(local)
+    assert open(os.path.join(local, "sub", "w.safetensors"), "rb").read() == b"abc"
+    assert json.load(open(os.path.join(local, "config.json"))) == {"a": 1}
+  assert not os.path.exists(local)  # the copy is gone
+
+
+def test_trace_writer_on_a_bucket_rewrites_the_object_and_repairs_a_torn_row(bucket):
+  """No appends on a bucket: each batch uploads the whole file; a torn tail is cut on reopen."""
+  from deepintuit_jax.data import traces
+  path = "gs://b/run/traces.jsonl"
+  sampling = {"temperature": 0.7}
+  with traces.TraceWriter(path) as w:
+    w.write([traces.trace_row("a", 0, "<answer>x</answer>", sampling=sampling)])
+    w.write([traces.trace_row("b", 0, "<answer>y</answer>", sampling=sampling)])
+  local = bucket / "run" / "traces.jsonl"
+  assert [r["item_id"] for r in traces.read_traces(path)] == ["a", "b"]
+  whole = local.read_bytes()
+  paths.write_bytes(path, whole + b'{"item_id": "c", "tra')  # a torn row, as after a kill
+  with traces.TraceWriter(path) as w:
+    assert w.repaired_bytes == 21 and w.done == {("a", 0), ("b", 0)}
+    assert local.read_bytes() == whole
+    w.write([traces.trace_row("c", 0, "<answer>z</answer>", sampling=sampling)])
+  assert [r["item_id"] for r in traces.read_traces(path)] == ["a", "b", "c"]

@@ -13,12 +13,12 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 from typing import Any
 
 import jax
 import numpy as np
 
+from deepintuit_jax import paths
 from deepintuit_jax.models import safetensors_io
 from deepintuit_jax.models.qwen2_5_vl import hf_io
 from deepintuit_jax.models.qwen2_5_vl.hf_load import INDEX, SINGLE
@@ -175,10 +175,11 @@ def save_pretrained(model, path: str, *, max_shard_size: int | str = "5GB", dtyp
     json.dump(model.config.to_hf_dict(torch_dtype=_TORCH_DTYPE[np_dtype.name]), f, indent=2)
     f.write("\n")
   source = source_dir or getattr(model, "hf_source_dir", None)
-  if source and os.path.abspath(source) != os.path.abspath(path):
-    for name in CARRIED_FILES:
-      if os.path.isfile(os.path.join(source, name)):
-        shutil.copyfile(os.path.join(source, name), os.path.join(path, name))
+  if source and paths.join(source) != os.path.abspath(path):
+    for name in CARRIED_FILES:  # the source may be a bucket's export (a chain on gs://)
+      if paths.isfile(os.path.join(source, name)):
+        with open(os.path.join(path, name), "wb") as f:
+          f.write(paths.as_path(os.path.join(source, name)).read_bytes())
   if processor is not None:
     write_processor_settings(path, processor)
   gen = os.path.join(path, "generation_config.json")
