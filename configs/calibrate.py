@@ -22,6 +22,14 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from deepintuit_jax import recipes
+
+
+# The release's recipe: with model.checkpoint set (or `:real`) these values replace the tiny
+# ones the fields below hold (deepintuit_jax/recipes.py).
+RELEASE = {"train.learning_rate": 2e-5, "train.head_learning_rate": 1e-3, "train.epochs": 10,
+           "train.batch_size": 256, "data.max_frames": 32, "data.max_pixels": 200704,
+           "checkpoint.every_steps": 500}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -42,18 +50,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # "" = from the trace workdir: its calibration_train.json and classes.json.
   c.data.train_file = ""
   c.data.eval_files = "none"
-  c.data.max_frames = -1  # by recipe (tables in deepintuit_jax/trainers/calibrate_stage.py)
-  c.data.max_pixels = -1
-  c.checkpoint.every_steps = -1
+  # The tiny recipe (the embedded default; RELEASE above for a real checkpoint).
+  c.data.max_frames = 8
+  c.data.max_pixels = 64 * 28 * 28
+  c.checkpoint.every_steps = 50
   c.calibrate = ml_collections.ConfigDict(dict(
       head="label_token",  # label_token | hidden_state
   ))
   c.train = ml_collections.ConfigDict(dict(
       num_steps=0,        # > 0 overrides epochs
-      epochs=-1,          # release 10
-      batch_size=-1,      # global; release 256
+      epochs=1,
+      batch_size=16,      # global
       micro_batch_size=0,  # global batch of one accumulation step; 0 = batch_size
-      learning_rate=-1.0,  # release 2e-5 (label_token); the head's own for hidden_state
+      learning_rate=1e-3,  # of the label_token calibrator (the whole VLM but its tower)
+      head_learning_rate=1e-2,  # of the hidden_state calibrator (its head alone)
       warmup_ratio=0.06,
       weight_decay=0.0,
       b1=0.9, b2=0.999, eps=1e-8,
@@ -61,8 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       frozen="auto",      # regexes; auto = the vision tower (label_token), the VLM (hidden_state)
       log_every=1,
   ))
-  if args.real:
-    c.recipe = "release"
+  recipes.attach(c, RELEASE, real=args.real)
   if args.hidden:
     c.calibrate.head = "hidden_state"
   if args.pulse:

@@ -24,6 +24,16 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from deepintuit_jax import recipes
+
+
+# The release-scale recipe (the frames are SFT's; docs/guide.md "Imitation baseline" says why
+# the rest): with model.checkpoint set (or `:real`) these values replace the tiny ones the
+# fields below hold (deepintuit_jax/recipes.py).
+RELEASE = {"train.learning_rate": 5e-5, "train.epochs": 10, "train.batch_size": 64,
+           "train.weight_decay": 0.05, "data.max_frames": 32, "data.max_pixels": 200704,
+           "checkpoint.every_steps": 500, "imitation.head_width": 512,
+           "imitation.head_depth": 2, "imitation.head_heads": 8}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -40,28 +50,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = common.data_config()
   c.mesh = common.mesh_config()
   c.checkpoint = common.checkpoint_config()
-  # -1 / "auto" = by recipe (deepintuit_jax/trainers/imitation.py, RELEASE and TINY; the
-  # frames are SFT's: 32 frames at max_pixels 200704 real, 8 at 64*28*28 tiny).
-  c.data.max_frames = -1
-  c.data.max_pixels = -1
-  c.checkpoint.every_steps = -1
+  # The tiny recipe (the embedded default; RELEASE above for a real checkpoint).
+  c.data.max_frames = 8
+  c.data.max_pixels = 64 * 28 * 28
+  c.checkpoint.every_steps = 100
   c.checkpoint.export = False  # the classifier is not an HF model (must stay False)
   c.imitation = ml_collections.ConfigDict(dict(
       init="pretrained",  # pretrained (the base checkpoint's vision tower) | scratch
-      head_width=-1,      # the head's width (tiny 64, release 512)
-      head_depth=-1,      # transformer blocks over [CLS] + the ordered tokens (1 / 2)
-      head_heads=-1,      # attention heads (4 / 8)
+      head_width=64,      # the head's width
+      head_depth=1,       # transformer blocks over [CLS] + the ordered tokens
+      head_heads=4,       # attention heads
       head_mlp_ratio=4,   # MLP width / head width
       pos_frequencies=6,  # Fourier frequencies per axis of the (t, h, w) position embedding
   ))
   c.train = ml_collections.ConfigDict(dict(
       num_steps=0,        # > 0 overrides epochs
-      epochs=-1,
-      batch_size=-1,      # global
+      epochs=10,
+      batch_size=8,       # global
       micro_batch_size=0,  # global batch of one accumulation step; 0 = batch_size
-      learning_rate=-1.0,
+      learning_rate=3e-4,
       warmup_ratio=0.06,
-      weight_decay=-1.0,  # on matrices only
+      weight_decay=0.0,   # on matrices only
       b1=0.9, b2=0.999, eps=1e-8,
       grad_clip=1.0,      # max global norm; 0 = off
       frozen="",          # comma-separated regexes over parameter paths; "^visual\\." trains
@@ -73,8 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       batch_size=8,
       max_items=0,        # 0 = every item of each split
   ))
-  if args.real:
-    c.recipe = "release"
+  recipes.attach(c, RELEASE, real=args.real)
   if args.scratch:
     c.imitation.init = "scratch"
   if args.pulse:

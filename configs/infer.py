@@ -21,6 +21,13 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from deepintuit_jax import recipes
+
+
+# The release's recipe: with model.checkpoint set (or `:real`) these values replace the tiny
+# ones the fields below hold (deepintuit_jax/recipes.py).
+RELEASE = {"infer.max_new_tokens": 2048, "infer.prompt": "full", "eval.max_new_tokens": 2048,
+           "data.max_frames": 32, "data.max_pixels": 200704}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -33,9 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = common.data_config()
   c.mesh = common.mesh_config()
   c.eval = common.eval_config()  # generation settings of the baselines (greedy)
-  c.data.max_frames = -1  # by recipe (tables in deepintuit_jax/trainers/infer_stage.py)
-  c.data.max_pixels = -1
-  c.eval.max_new_tokens = -1
+  # The tiny recipe (the embedded default; RELEASE above for a real checkpoint).
+  c.data.max_frames = 8
+  c.data.max_pixels = 64 * 28 * 28
+  c.eval.max_new_tokens = 192
   c.infer = ml_collections.ConfigDict(dict(
       policy="runs/grpo",     # HF directory or a stage workdir with hf/; none = model.checkpoint
       policy_name="SFT + GRPO",  # its row in the report (its own parsed answers)
@@ -44,14 +52,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       calibrators="label_token=runs/calibrate",
       baselines="",           # name=path of HF models evaluated alone (greedy), e.g. SFT=runs/sft
       batch_size=8,
-      max_new_tokens=-1,      # of the policy's trace; release 2048
+      max_new_tokens=192,     # of the policy's trace
       temperature=0.01,
-      prompt="auto",          # meta-review prompt when a calibrator does not record its own
+      prompt="compact",       # meta-review prompt (full | compact) when a calibrator does not
+                              # record its own
       priority="",            # tie-break order; "" = the class order
       max_items=0,            # 0 = every item of each split
   ))
-  if args.real:
-    c.recipe = "release"
+  recipes.attach(c, RELEASE, real=args.real)
   if args.pulse:
     c.infer.policy = "none"
     c.infer.calibrators = ""

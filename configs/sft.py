@@ -20,6 +20,13 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from deepintuit_jax import recipes
+
+# The release's recipe (../shared/RECIPE.md, stage 0): with model.checkpoint set (or `:real`)
+# these values replace the tiny ones the fields below hold (deepintuit_jax/recipes.py).
+RELEASE = {"train.learning_rate": 2e-5, "train.epochs": 5, "train.batch_size": 64,
+           "data.max_frames": 32, "data.max_pixels": 200704, "eval.max_new_tokens": 2048,
+           "checkpoint.every_steps": 500}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,32 +44,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = common.mesh_config()
   c.checkpoint = common.checkpoint_config()
   c.eval = common.eval_config()
-  # -1 / "auto" = by recipe: the release's values for a real checkpoint, the tiny-model
-  # values for the built-in tiny model (both tables: deepintuit_jax/trainers/sft_stage.py,
-  # RELEASE and TINY; the resolved values are printed and saved in the workdir).
-  c.data.max_frames = -1
-  c.data.max_pixels = -1
-  c.eval.max_new_tokens = -1
-  c.checkpoint.every_steps = -1
+  # The tiny recipe (the embedded default; RELEASE above for a real checkpoint).
+  c.data.max_frames = 8
+  c.data.max_pixels = 64 * 28 * 28
+  c.eval.max_new_tokens = 192
+  c.checkpoint.every_steps = 50
   c.train = ml_collections.ConfigDict(dict(
       num_steps=0,        # > 0 overrides epochs
-      epochs=-1,
-      batch_size=-1,      # global
+      epochs=5,
+      batch_size=8,       # global
       micro_batch_size=0,  # global batch of one accumulation step; 0 = batch_size
-      learning_rate=-1.0,
+      learning_rate=1e-3,  # from the tiny base (5e-3 was the random tiny model's)
       warmup_ratio=0.06,
       weight_decay=0.0,
       b1=0.9, b2=0.999, eps=1e-8,
       grad_clip=1.0,      # max global norm; 0 = off
-      frozen="auto",      # comma-separated regexes over parameter paths ('visual.blocks.0...');
-                          # auto = "^visual\\." (both recipes: the tiny base's tower is
-                          # pretrained; "" trains it too)
+      frozen=r"^visual\.",  # comma-separated regexes over parameter paths
+                          # ('visual.blocks.0...'); both recipes freeze the tower (the tiny
+                          # base's is pretrained); "" trains it too
       log_every=1,
       loss_chunk=1024,    # tokens per chunk of the cross-entropy (logits [chunk, V] at a
                           # time, recomputed in the backward); 0 = full [B, T, V] logits
   ))
-  if args.real:
-    c.recipe = "release"
+  recipes.attach(c, RELEASE, real=args.real)
   if args.pulse:
     c.train.num_steps = 3
     c.checkpoint.every_steps = 2

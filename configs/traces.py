@@ -20,6 +20,13 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from deepintuit_jax import recipes
+
+
+# The release's recipe: with model.checkpoint set (or `:real`) these values replace the tiny
+# ones the fields below hold (deepintuit_jax/recipes.py).
+RELEASE = {"traces.num_traces": 4, "traces.temperature": 1.0, "traces.max_new_tokens": 2048,
+           "traces.prompt": "full", "data.max_frames": 32, "data.max_pixels": 200704}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -34,20 +41,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = common.model_config()
   c.data = common.data_config()
   c.mesh = common.mesh_config()
-  c.data.max_frames = -1   # by recipe (tables in deepintuit_jax/trainers/traces_stage.py)
-  c.data.max_pixels = -1
+  # The tiny recipe (the embedded default; RELEASE above for a real checkpoint).
+  c.data.max_frames = 8
+  c.data.max_pixels = 64 * 28 * 28
   c.data.eval_files = "none"
   c.traces = ml_collections.ConfigDict(dict(
-      num_traces=-1,       # K traces per video (release 4)
-      temperature=-1.0,    # -1 = by recipe (release 1.0, tiny 0.7)
-      max_new_tokens=-1,   # release 2048
+      num_traces=4,        # K traces per video
+      temperature=0.7,     # as the tiny GRPO's rollouts (configs/grpo.py says why)
+      max_new_tokens=192,
       batch_size=8,        # videos per sampler batch (K rows each)
-      prompt="auto",       # meta-review prompt: full | compact (auto: compact for the tiny model)
+      prompt="compact",    # meta-review prompt: full | compact
       priority="",         # tie-break order, comma-separated labels; "" = the class order
       max_items=0,         # 0 = every training video
   ))
-  if args.real:
-    c.recipe = "release"
+  recipes.attach(c, RELEASE, real=args.real)
   if args.pulse:
     c.init_from = "none"
     c.data.synthetic_train, c.data.synthetic_test = 16, 4

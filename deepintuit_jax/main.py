@@ -21,7 +21,7 @@ from typing import Any, Callable, NamedTuple
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deepintuit_jax import distributed, errors, interrupts, paths, preflight
+from deepintuit_jax import distributed, errors, interrupts, paths, preflight, recipes
 from deepintuit_jax import lease as lease_lib, workdir as workdir_lib
 from deepintuit_jax.data.errors import BadSample
 
@@ -236,6 +236,9 @@ def _main() -> None:
                              f": cannot load the config file ({lines[-1]})") from None
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
+  # The numbers the run uses: the release's for a real checkpoint (deepintuit_jax/recipes.py);
+  # printed and recorded in the workdir as they are.
+  config = recipes.resolve(config)
   preflight.check_config(config)  # reads only: a refused or invalid run touches no file
   workdir = _workdir_or_none()
   stage = get_stage(config.stage)

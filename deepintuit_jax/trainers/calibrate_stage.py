@@ -17,18 +17,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from deepintuit_jax import paths
+from deepintuit_jax import paths, recipes
 from deepintuit_jax.data import chat
 from deepintuit_jax.trainers import calibrate, optim, sft, stage, traces_stage
 from deepintuit_jax.trainers.sft_stage import TrainSpec
 from deepintuit_jax.trainers.stage import CheckpointSpec, DataSpec, ModelSpec
 from deepintuit_jax.trainers.step import TrainStep
 
-# What "-1" / "auto" in configs/calibrate.py resolve to (head_learning_rate: hidden_state).
-RELEASE = dict(learning_rate=2e-5, head_learning_rate=1e-3, epochs=10, batch_size=256,
-               max_frames=32, max_pixels=200704, frozen=r"^visual\.", every_steps=500)
-TINY = dict(learning_rate=1e-3, head_learning_rate=1e-2, epochs=1, batch_size=16, max_frames=8,
-            max_pixels=64 * 28 * 28, frozen=r"^visual\.", every_steps=50)
 TRACES_COMMAND = "python -m deepintuit_jax.main --config=configs/traces.py"
 
 
@@ -67,23 +62,22 @@ def _trace_inputs(traces: str, train_file: str, class_file: str) -> tuple[str, s
 
 
 def from_config(c) -> CalibrateRun:
-  """The locked ConfigDict -> frozen dataclasses (recipe sentinels resolved)."""
-  pick = stage.Recipe(c.recipe, c.model.checkpoint, RELEASE, TINY)
+  """The locked ConfigDict -> frozen dataclasses (its recipe applied)."""
+  c = recipes.resolve(c)
   head = calibrate.check_head(c.calibrate.head)
   model = stage.model_spec(c)
   train_file, class_file, meta = _trace_inputs(c.traces, c.data.train_file, c.data.class_file)
   c = c.copy_and_resolve_references()
   with c.unlocked():
     c.data.train_file, c.data.class_file = train_file, class_file
-  data = stage.data_spec(c, pick)
+  data = stage.data_spec(c)
   # Only the label token is a target (not the end token after it).
   data = dataclasses.replace(data, options=dataclasses.replace(data.options,
                                                                train_end_of_turn=False))
-  frozen = pick(c.train.frozen, "frozen") if head == "label_token" else (
-      c.train.frozen if c.train.frozen != "auto" else ",".join(calibrate.HEAD_FROZEN))
-  lr = pick(c.train.learning_rate,
-            "learning_rate" if head == "label_token" else "head_learning_rate")
-  batch = pick(c.train.batch_size, "batch_size")
+  frozen = c.train.frozen if c.train.frozen != "auto" else (
+      r"^visual\." if head == "label_token" else ",".join(calibrate.HEAD_FROZEN))
+  lr = c.train.learning_rate if head == "label_token" else c.train.head_learning_rate
+  batch = c.train.batch_size
   return CalibrateRun(
       seed=c.seed, policy=traces_stage.resolve_policy(c.init_from, model), head=head,
       model=model, data=data,
@@ -91,10 +85,10 @@ def from_config(c) -> CalibrateRun:
                               weight_decay=c.train.weight_decay, b1=c.train.b1, b2=c.train.b2,
                               eps=c.train.eps, grad_clip=c.train.grad_clip,
                               frozen=tuple(p for p in frozen.split(",") if p)),
-      train=TrainSpec(num_steps=c.train.num_steps, epochs=pick(c.train.epochs, "epochs"),
+      train=TrainSpec(num_steps=c.train.num_steps, epochs=c.train.epochs,
                       batch_size=batch, micro_batch_size=c.train.micro_batch_size or batch,
                       log_every=c.train.log_every),
-      checkpoint=stage.checkpoint_spec(c, pick), prompt_meta=meta)
+      checkpoint=stage.checkpoint_spec(c), prompt_meta=meta)
 
 
 def run(cfg: CalibrateRun, *, workdir: str, mesh) -> dict[str, Any]:

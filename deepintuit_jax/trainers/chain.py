@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 import jax
 
 from deepintuit_jax import interrupts, lease, preflight
-from deepintuit_jax import paths as paths_lib
+from deepintuit_jax import paths as paths_lib, recipes
 from deepintuit_jax.evals import curves
 from deepintuit_jax.evals import results as results_lib
 
@@ -89,6 +89,7 @@ def step_config(c, name: str, steps: list[str], workdir: str):
       cals = [(CALIBRATOR_NAMES[c[s].calibrate.head], d(s)) for s in steps
               if c[s].stage == "calibrate"]
       sub.infer.calibrators = ",".join(f"{n}={p}" for n, p in cals)
+  sub = recipes.resolve(sub)  # the numbers the step runs, as its run_config.json records
   sub.lock()
   return sub
 

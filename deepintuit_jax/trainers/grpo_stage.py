@@ -17,31 +17,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from deepintuit_jax import paths
+from deepintuit_jax import paths, recipes
 from deepintuit_jax.data import chat, pipeline
 from deepintuit_jax.evals import curves, generation
 from deepintuit_jax.trainers import loop, optim, stage
 from deepintuit_jax.trainers.grpo import learner as learner_lib
 from deepintuit_jax.trainers.stage import CheckpointSpec, DataSpec, ModelSpec
 
-# What "-1" / "auto" in configs/grpo.py resolve to: the release's GRPO recipe for a real
-# checkpoint, settings that finish in minutes on a CPU for the built-in tiny model, chosen by
-# measurement from the chain's SFT export (docs/guide.md "GRPO", what to expect):
-# - sampling at 0.7: at 1.0 only 6-38% of the tiny SFT policy's rollouts are well formed
-#   (62-94% at 0.7), so most groups carried no signal;
-# - the vision tower frozen, lr 1e-4, dynamic sampling, 8 prompts x G 8 per rollout, 40 steps:
-#   a reward of one fixed answer climbs 0.21 -> 0.65 (first / last quarter) in 40 steps, while
-#   held-out accuracy stays within the seed spread of SFT's (README table); with the whole model
-#   trained at lr 1e-4 the text degenerated (format 0.88 -> 0.75, held-out close 0.92 ->
-#   0.74), and the former lr 1e-5, 4 x G 4, 16 steps moved nothing measurable.
-RELEASE = dict(learning_rate=1e-6, warmup_steps=10, epochs=20, num_steps=0, group_size=8,
-               prompts_per_rollout=64, mini_batch_prompts=32, max_response_tokens=2048,
-               max_frames=32, max_pixels=200704, max_new_tokens=2048, every_steps=50,
-               temperature=1.0, frozen="", dynamic_sampling=False)
-TINY = dict(learning_rate=1e-4, warmup_steps=2, epochs=1, num_steps=40, group_size=8,
-            prompts_per_rollout=8, mini_batch_prompts=4, max_response_tokens=160,
-            max_frames=8, max_pixels=64 * 28 * 28, max_new_tokens=192, every_steps=10,
-            temperature=0.7, frozen=r"^visual\.", dynamic_sampling=True)
 SFT_COMMAND = "python -m deepintuit_jax.main --config=configs/sft.py"
 
 
@@ -103,18 +85,6 @@ def import_reward_modules(spec: str) -> None:
       raise
 
 
-def _flag(value, key: str) -> bool:
-  """A boolean config value given as a bool or as true/false/1/0/yes/no."""
-  if isinstance(value, bool):
-    return value
-  v = str(value).strip().lower()
-  if v in ("true", "1", "yes"):
-    return True
-  if v in ("false", "0", "no"):
-    return False
-  raise ValueError(f"{key}={value!r}: must be auto, true or false")
-
-
 def resolve_init_from(init_from: str) -> str:
   """"none" -> "" (start from model.checkpoint); a missing path is an error naming the SFT
   command to run first."""
@@ -130,40 +100,36 @@ def resolve_init_from(init_from: str) -> str:
 
 
 def from_config(c) -> GRPORun:
-  """The locked ConfigDict -> frozen dataclasses (recipe sentinels resolved)."""
-  pick = stage.Recipe(c.recipe, c.model.checkpoint, RELEASE, TINY)
+  """The locked ConfigDict -> frozen dataclasses (its recipe applied)."""
+  c = recipes.resolve(c)
   init_from = resolve_init_from(c.init_from)
   g = c.grpo
   import_reward_modules(g.reward_modules)
   clip = lambda v: None if v == -1.0 else v  # noqa: E731 (-1 = the loss's default)
   grpo = learner_lib.GRPOConfig(
-      group_size=pick(g.group_size, "group_size"),
-      prompts_per_rollout=pick(g.prompts_per_rollout, "prompts_per_rollout"),
-      mini_batch_prompts=pick(g.mini_batch_prompts, "mini_batch_prompts"),
+      group_size=g.group_size, prompts_per_rollout=g.prompts_per_rollout,
+      mini_batch_prompts=g.mini_batch_prompts,
       micro_batch_prompts=g.micro_batch_prompts, ppo_epochs=g.ppo_epochs,
-      max_response_tokens=pick(g.max_response_tokens, "max_response_tokens"),
-      temperature=pick(g.temperature, "temperature"), top_p=g.top_p, advantage=g.advantage,
+      max_response_tokens=g.max_response_tokens, temperature=g.temperature, top_p=g.top_p, advantage=g.advantage,
       policy_loss=g.policy_loss, loss_agg=g.loss_agg, clip_low=clip(g.clip_low),
       clip_high=clip(g.clip_high), dual_clip=g.dual_clip, tis_cap=g.tis_cap,
       kl_coef=g.kl_coef, kl_kind=g.kl_kind, entropy_coef=g.entropy_coef,
-      dynamic_sampling=_flag(pick(g.dynamic_sampling, "dynamic_sampling"),
-                             "grpo.dynamic_sampling"), max_refills=g.max_refills,
+      dynamic_sampling=g.dynamic_sampling, max_refills=g.max_refills,
       rewards=parse_rewards(g.rewards), logp_chunk=g.logp_chunk,
       length_steps=g.length_steps, control=g.control)
-  num_steps = pick(c.train.num_steps, "num_steps")
-  epochs = pick(c.train.epochs, "epochs")
+  num_steps, epochs = c.train.num_steps, c.train.epochs
   if num_steps <= 0 and epochs <= 0:
     raise ValueError("set train.num_steps > 0 or train.epochs > 0")
   return GRPORun(
-      seed=c.seed, init_from=init_from, model=stage.model_spec(c), data=stage.data_spec(c, pick),
+      seed=c.seed, init_from=init_from, model=stage.model_spec(c), data=stage.data_spec(c),
       optim=optim.OptimConfig(
-          learning_rate=pick(c.train.learning_rate, "learning_rate"), warmup_ratio=0.0,
-          warmup_steps=pick(c.train.warmup_steps, "warmup_steps"), decay="constant",
+          learning_rate=c.train.learning_rate, warmup_ratio=0.0,
+          warmup_steps=c.train.warmup_steps, decay="constant",
           weight_decay=c.train.weight_decay, b1=c.train.b1, b2=c.train.b2, eps=c.train.eps,
           grad_clip=c.train.grad_clip,
-          frozen=tuple(p for p in pick(c.train.frozen, "frozen").split(",") if p)),
+          frozen=tuple(p for p in c.train.frozen.split(",") if p)),
       grpo=grpo, num_steps=num_steps, epochs=epochs, log_every=c.train.log_every,
-      checkpoint=stage.checkpoint_spec(c, pick), eval=stage.eval_spec(c, pick),
+      checkpoint=stage.checkpoint_spec(c), eval=stage.eval_spec(c),
       eval_every=c.eval.every_steps)
 
 

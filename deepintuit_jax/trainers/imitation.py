@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from deepintuit_jax import paths, sharding
+from deepintuit_jax import paths, recipes, sharding
 from deepintuit_jax.data import annotations, pipeline
 from deepintuit_jax.evals import metrics as metrics_lib, report
 from deepintuit_jax.models import tiny_base, video_classifier as vc
@@ -37,12 +37,6 @@ from deepintuit_jax.trainers.sft_stage import TrainSpec
 from deepintuit_jax.trainers.stage import CheckpointSpec, DataSpec, ModelSpec
 from deepintuit_jax.trainers.step import TrainStep
 
-# What "-1" / "auto" in configs/imitation.py resolve to (the frames are SFT's, see
-# sft_stage.RELEASE / TINY; docs/guide.md "Imitation baseline" says why the rest).
-RELEASE = dict(learning_rate=5e-5, epochs=10, batch_size=64, weight_decay=0.05, max_frames=32,
-               max_pixels=200704, every_steps=500, head_width=512, head_depth=2, head_heads=8)
-TINY = dict(learning_rate=3e-4, epochs=10, batch_size=8, weight_decay=0.0, max_frames=8,
-            max_pixels=64 * 28 * 28, every_steps=100, head_width=64, head_depth=1, head_heads=4)
 INITS = ("scratch", "pretrained")
 MODEL_NAMES = {"scratch": "imitation (scratch)", "pretrained": "imitation (pretrained tower)"}
 # Per-row arrays of the classifier's batch (row axis inside a group), for batch placement.
@@ -103,33 +97,31 @@ class ImitationRun:
 
 
 def from_config(c) -> ImitationRun:
-  """The locked ConfigDict -> frozen dataclasses (recipe sentinels resolved, the embedded
-  default built into the cache when needed)."""
-  pick = stage.Recipe(c.recipe, c.model.checkpoint, RELEASE, TINY)
+  """The locked ConfigDict -> frozen dataclasses (its recipe applied, the embedded default
+  built into the cache when needed)."""
+  c = recipes.resolve(c)
   if c.checkpoint.export:
     raise ValueError("checkpoint.export=True: the imitation classifier is not an HF model; "
                      "its parameters are in the Orbax checkpoints (visual.* keep HF's names)")
-  batch = pick(c.train.batch_size, "batch_size")
+  batch = c.train.batch_size
   i = c.imitation
   return ImitationRun(
       seed=c.seed, model=stage.model_spec(c),
       init_from=tiny_base.default_init(c.init_from, model_checkpoint=c.model.checkpoint,
                                        cache_dir=stage.cache_dir(c.model.cache_dir)),
-      data=stage.data_spec(c, pick),
-      imitation=ImitationSpec(init=i.init, head_width=pick(i.head_width, "head_width"),
-                              head_depth=pick(i.head_depth, "head_depth"),
-                              head_heads=pick(i.head_heads, "head_heads"),
+      data=stage.data_spec(c),
+      imitation=ImitationSpec(init=i.init, head_width=i.head_width, head_depth=i.head_depth,
+                              head_heads=i.head_heads,
                               head_mlp_ratio=i.head_mlp_ratio, pos_frequencies=i.pos_frequencies),
       optim=optim.OptimConfig(
-          learning_rate=pick(c.train.learning_rate, "learning_rate"),
-          warmup_ratio=c.train.warmup_ratio,
-          weight_decay=pick(c.train.weight_decay, "weight_decay"), b1=c.train.b1,
+          learning_rate=c.train.learning_rate, warmup_ratio=c.train.warmup_ratio,
+          weight_decay=c.train.weight_decay, b1=c.train.b1,
           b2=c.train.b2, eps=c.train.eps, grad_clip=c.train.grad_clip,
           frozen=tuple(p for p in c.train.frozen.split(",") if p)),
-      train=TrainSpec(num_steps=c.train.num_steps, epochs=pick(c.train.epochs, "epochs"),
+      train=TrainSpec(num_steps=c.train.num_steps, epochs=c.train.epochs,
                       batch_size=batch, micro_batch_size=c.train.micro_batch_size or batch,
                       log_every=c.train.log_every),
-      checkpoint=stage.checkpoint_spec(c, pick),
+      checkpoint=stage.checkpoint_spec(c),
       eval=EvalSpec(batch_size=c.eval.batch_size, max_items=c.eval.max_items),
       eval_every=c.eval.every_steps)
 

@@ -15,14 +15,11 @@ from typing import Any
 
 import jax
 
-from deepintuit_jax import paths
+from deepintuit_jax import paths, recipes
 from deepintuit_jax.data import annotations, traces
 from deepintuit_jax.evals import generation, report, results as results_lib, two_stage
 from deepintuit_jax.trainers import calibrate, loop, stage, traces_stage
 from deepintuit_jax.trainers.stage import DataSpec, ModelSpec
-
-RELEASE = dict(max_new_tokens=2048, max_frames=32, max_pixels=200704, prompt="full")
-TINY = dict(max_new_tokens=192, max_frames=8, max_pixels=64 * 28 * 28, prompt="compact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +59,13 @@ def resolve_calibrator(path: str, what: str = "infer.calibrators") -> str:
 
 
 def from_config(c) -> InferRun:
-  pick = stage.Recipe(c.recipe, c.model.checkpoint, RELEASE, TINY)
+  c = recipes.resolve(c)
   model = stage.model_spec(c)
   cc = c.copy_and_resolve_references()
   if c.data.eval_files not in ("", "none") and not c.data.train_file:
     with cc.unlocked():  # no training file here: keep data_spec off the generated benchmark
       cc.data.train_file = stage.parse_eval_files(c.data.eval_files)[0][1]
-  data = stage.data_spec(cc, pick)
+  data = stage.data_spec(cc)
   if not data.eval_files:
     raise ValueError("data.eval_files is empty: name the splits to evaluate (name=path,...)")
   i = c.infer
@@ -82,11 +79,11 @@ def from_config(c) -> InferRun:
                                                       produced_by="that stage"))
                       for n, p in parse_models(i.baselines, "infer.baselines")),
       two_stage=two_stage.TwoStageConfig(
-          batch_size=i.batch_size, max_new_tokens=pick(i.max_new_tokens, "max_new_tokens"),
-          temperature=i.temperature, seed=c.seed, prompt=pick(i.prompt, "prompt"),
+          batch_size=i.batch_size, max_new_tokens=i.max_new_tokens,
+          temperature=i.temperature, seed=c.seed, prompt=i.prompt,
           priority=traces_stage.parse_priority(i.priority), dtype=model.dtype,
           tokens=data.special_tokens, rope_convention=model.rope_convention),
-      eval=stage.eval_spec(c, pick), max_items=i.max_items)
+      eval=stage.eval_spec(c), max_items=i.max_items)
 
 
 def calibrated_name(policy_name: str, calibrator: str) -> str:

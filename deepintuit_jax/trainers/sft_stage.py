@@ -14,19 +14,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from deepintuit_jax import recipes
 from deepintuit_jax.evals import generation
 from deepintuit_jax.models import tiny_base
 from deepintuit_jax.trainers import optim, sft, stage
 from deepintuit_jax.trainers.stage import CheckpointSpec, DataSpec, ModelSpec
-
-# What "-1" / "auto" in configs/sft.py resolve to.
-RELEASE = dict(learning_rate=2e-5, epochs=5, batch_size=64, max_frames=32, max_pixels=200704,
-               frozen=r"^visual\.", max_new_tokens=2048, every_steps=500)
-# The tiny recipe starts from the tiny base (init_from=auto): its tower is pretrained, so it
-# stays frozen as in the release recipe; lr 1e-3 (5e-3 was the random tiny model's).
-TINY = dict(learning_rate=1e-3, epochs=5, batch_size=8, max_frames=8,
-            max_pixels=64 * 28 * 28, frozen=r"^visual\.", max_new_tokens=192, every_steps=50)
-
 
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
@@ -65,24 +57,24 @@ class SFTRun:
 
 
 def from_config(c) -> SFTRun:
-  """The locked ConfigDict -> frozen dataclasses, with recipe sentinels resolved and the
-  embedded default (tiny model, generated benchmark) built into the cache when needed."""
-  pick = stage.Recipe(c.recipe, c.model.checkpoint, RELEASE, TINY)
-  frozen = pick(c.train.frozen, "frozen")
-  batch = pick(c.train.batch_size, "batch_size")
+  """The locked ConfigDict -> frozen dataclasses, with its recipe applied and the embedded
+  default (tiny model, generated benchmark) built into the cache when needed."""
+  c = recipes.resolve(c)
+  frozen = c.train.frozen
+  batch = c.train.batch_size
   init_from = tiny_base.default_init(c.init_from, model_checkpoint=c.model.checkpoint,
                                      cache_dir=stage.cache_dir(c.model.cache_dir))
   return SFTRun(
-      seed=c.seed, init_from=init_from, model=stage.model_spec(c), data=stage.data_spec(c, pick),
+      seed=c.seed, init_from=init_from, model=stage.model_spec(c), data=stage.data_spec(c),
       optim=optim.OptimConfig(
-          learning_rate=pick(c.train.learning_rate, "learning_rate"),
+          learning_rate=c.train.learning_rate,
           warmup_ratio=c.train.warmup_ratio, weight_decay=c.train.weight_decay, b1=c.train.b1,
           b2=c.train.b2, eps=c.train.eps, grad_clip=c.train.grad_clip,
           frozen=tuple(p for p in frozen.split(",") if p)),
-      train=TrainSpec(num_steps=c.train.num_steps, epochs=pick(c.train.epochs, "epochs"),
+      train=TrainSpec(num_steps=c.train.num_steps, epochs=c.train.epochs,
                       batch_size=batch, micro_batch_size=c.train.micro_batch_size or batch,
                       log_every=c.train.log_every, loss_chunk=c.train.loss_chunk),
-      checkpoint=stage.checkpoint_spec(c, pick), eval=stage.eval_spec(c, pick),
+      checkpoint=stage.checkpoint_spec(c), eval=stage.eval_spec(c),
       eval_every=c.eval.every_steps)
 
 

@@ -1,9 +1,9 @@
 """The plumbing every stage shares, so that a stage file is a short composition:
 
 * config pieces -> frozen specs (`model_spec`, `data_spec`, `checkpoint_spec`, `eval_spec`)
-  with the recipe sentinels resolved (`Recipe`: -1 / -1.0 / "auto" take the stage's RELEASE
-  table for a real checkpoint, its TINY table for the built-in tiny model) and the embedded
-  default (tiny model, generated benchmark) built into the cache once (`build_once`);
+  of a config whose recipe is resolved (`deepintuit_jax.recipes`: the numbers live in the
+  config files), and the embedded default (tiny model, generated benchmark) built into the
+  cache once (`build_once`);
 * `prepare`: resume order, tokenizer (+ the release's added tokens), records, classes, model;
 * `init_train_state`: the one resume order (the workdir's own latest complete checkpoint >
   `init_from` > `model.checkpoint`), placed on the mesh;
@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,30 +58,6 @@ class CheckpointSpec:
   keep: int
   export: bool
   async_save: bool
-
-
-class Recipe:
-  """Resolves the `-1` / `-1.0` / `"auto"` sentinels of a stage config.
-
-  `recipe` auto | release | tiny (auto = release iff model.checkpoint is set); `release` /
-  `tiny`: the stage's two tables of defaults."""
-
-  def __init__(self, recipe: str, checkpoint: str, release: Mapping[str, Any],
-               tiny: Mapping[str, Any]):
-    if recipe not in ("auto", "release", "tiny"):
-      raise ValueError(f"recipe={recipe!r}: must be auto, release or tiny")
-    if recipe == "auto":
-      recipe = "release" if checkpoint else "tiny"
-    self.name = recipe
-    self.table = dict(release if recipe == "release" else tiny)
-
-  def __call__(self, value: Any, key: str) -> Any:
-    """`value` unless it is a sentinel, else the table's `key`."""
-    if isinstance(value, bool) or value not in (-1, -1.0, "auto"):
-      return value
-    if key not in self.table:
-      raise KeyError(f"no recipe default for {key!r} (table keys: {sorted(self.table)})")
-    return self.table[key]
 
 
 def cache_dir(configured: str) -> str:
@@ -129,7 +105,7 @@ def model_spec(c) -> ModelSpec:
                    rope_convention=c.model.rope_convention)
 
 
-def data_spec(c, pick: Recipe) -> DataSpec:
+def data_spec(c) -> DataSpec:
   """`c.data` -> DataSpec; an empty train_file = the generated benchmark (built once), whose
   test splits are the default eval files."""
   train_file, eval_spec, class_file, video_root = (
@@ -150,8 +126,7 @@ def data_spec(c, pick: Recipe) -> DataSpec:
   eval_files = () if eval_spec == "none" else parse_eval_files(eval_spec)
   options = pipeline.PipelineOptions(
       video_root=video_root or None, sampling=c.data.sampling,
-      max_frames=pick(c.data.max_frames, "max_frames"),
-      max_pixels=pick(c.data.max_pixels, "max_pixels"), min_pixels=c.data.min_pixels,
+      max_frames=c.data.max_frames, max_pixels=c.data.max_pixels, min_pixels=c.data.min_pixels,
       max_seq_len=c.data.max_seq_len, on_bad_sample=c.data.on_bad_sample,
       num_workers=c.data.num_workers, seed=c.seed)
   return DataSpec(train_file=train_file, eval_files=eval_files, class_file=class_file,
@@ -159,15 +134,15 @@ def data_spec(c, pick: Recipe) -> DataSpec:
                   special_tokens=c.data.special_tokens)
 
 
-def checkpoint_spec(c, pick: Recipe) -> CheckpointSpec:
-  return CheckpointSpec(every_steps=pick(c.checkpoint.every_steps, "every_steps"),
+def checkpoint_spec(c) -> CheckpointSpec:
+  return CheckpointSpec(every_steps=c.checkpoint.every_steps,
                         keep=c.checkpoint.keep, export=c.checkpoint.export,
                         async_save=c.checkpoint.async_save)
 
 
-def eval_spec(c, pick: Recipe) -> generation.EvalConfig:
+def eval_spec(c) -> generation.EvalConfig:
   return generation.EvalConfig(batch_size=c.eval.batch_size,
-                               max_new_tokens=pick(c.eval.max_new_tokens, "max_new_tokens"),
+                               max_new_tokens=c.eval.max_new_tokens,
                                temperature=c.eval.temperature, max_items=c.eval.max_items,
                                seed=c.seed)
 

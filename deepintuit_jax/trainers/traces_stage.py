@@ -16,17 +16,12 @@ from typing import Any
 
 import jax
 
-from deepintuit_jax import checkpointing, paths
+from deepintuit_jax import checkpointing, paths, recipes
 from deepintuit_jax.data import annotations, calibration, errors, prompts, traces
 from deepintuit_jax.evals import generation, two_stage
 from deepintuit_jax.trainers import loop, stage
 from deepintuit_jax.trainers.stage import DataSpec, ModelSpec
 
-# Tiny traces sample at 0.7, as its GRPO rollouts (grpo_stage.TINY says why).
-RELEASE = dict(num_traces=4, max_new_tokens=2048, max_frames=32, max_pixels=200704,
-               prompt="full", temperature=1.0)
-TINY = dict(num_traces=4, max_new_tokens=192, max_frames=8, max_pixels=64 * 28 * 28,
-            prompt="compact", temperature=0.7)
 META = "calibration_meta.json"
 
 
@@ -78,17 +73,15 @@ def parse_priority(spec: str) -> tuple[str, ...] | None:
 
 
 def from_config(c) -> TracesRun:
-  pick = stage.Recipe(c.recipe, c.model.checkpoint, RELEASE, TINY)
+  c = recipes.resolve(c)
   model = stage.model_spec(c)
   t = c.traces
   return TracesRun(
       seed=c.seed, policy=resolve_policy(c.init_from, model), model=model,
-      data=stage.data_spec(c, pick),
-      sampling=generation.EvalConfig(batch_size=t.batch_size,
-                                     max_new_tokens=pick(t.max_new_tokens, "max_new_tokens"),
-                                     temperature=pick(t.temperature, "temperature"),
-                                     seed=c.seed),
-      num_traces=pick(t.num_traces, "num_traces"), prompt=pick(t.prompt, "prompt"),
+      data=stage.data_spec(c),
+      sampling=generation.EvalConfig(batch_size=t.batch_size, max_new_tokens=t.max_new_tokens,
+                                     temperature=t.temperature, seed=c.seed),
+      num_traces=t.num_traces, prompt=t.prompt,
       priority=parse_priority(t.priority), max_items=t.max_items)
 
 

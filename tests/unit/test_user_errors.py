@@ -98,7 +98,7 @@ def test_empty_or_unusable_annotation_file_is_named(tmp_path):
 def _config(**train):
   return ml_collections.ConfigDict(dict(
       init_from="", model=dict(checkpoint=""),
-      train=dict(dict(num_steps=0, epochs=-1, log_every=1), **train),
+      train=dict(dict(num_steps=0, epochs=5, log_every=1), **train),
       data=dict(train_file="", class_file="", video_root="", eval_files="")))
 
 
@@ -106,8 +106,10 @@ def test_preflight_rejects_bad_values_and_missing_files(tmp_path):
   preflight.check_config(_config())
   with pytest.raises(errors.ConfigError, match=r"train.num_steps=-3: must be >= 0"):
     preflight.check_config(_config(num_steps=-3))
-  with pytest.raises(errors.ConfigError, match=r"train.epochs=0: must be >= 1, or -1"):
+  with pytest.raises(errors.ConfigError, match=r"train.epochs=0: must be >= 1"):
     preflight.check_config(_config(epochs=0))
+  with pytest.raises(errors.ConfigError, match=r"train.learning_rate=-1.0: must be > 0"):
+    preflight.check_config(_config(learning_rate=-1.0))  # no "by recipe" sentinel any more
   c = _config()
   c.data.train_file = str(tmp_path / "train.json")
   with pytest.raises(errors.InputNotFound, match=r"data.train_file=.*train.json'.*no such file"):
