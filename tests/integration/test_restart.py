@@ -102,7 +102,8 @@ def test_ctrl_c_resume_finished_rerun_eval_and_refusal(env, tmp_path):
   before = _files(w)
   p = _run(env, w, "--config.train.learning_rate=0.01", "--config.train.log_every=3")
   assert p.returncode == 2 and "Traceback" not in p.stderr
-  assert "train.learning_rate: -1.0 -> 0.01" in p.stderr and "log_every" not in p.stderr
+  # the recorded config holds the number the run used (the tiny recipe's 1e-3), not a sentinel
+  assert "train.learning_rate: 0.001 -> 0.01" in p.stderr and "log_every" not in p.stderr
   assert "--allow_config_change" in p.stderr and "--workdir" in p.stderr
   assert _files(w) == before
   # The export: tags and labels survive vLLM's / transformers' default decoding, and the
