@@ -36,15 +36,20 @@ def join(path: str | os.PathLike, *parts: str) -> str:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` whole: atomically (temp file + rename) on a local disk, as one object
+  """Writes `text` whole, as UTF-8 (see `write_bytes`)."""
+  write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` whole: atomically (temp file + rename) on a local disk, as one object
   upload on a bucket (an object appears only once complete)."""
   p = as_path(path)
   p.parent.mkdir(parents=True, exist_ok=True)
   if is_remote(p):
-    p.write_text(text)
+    p.write_bytes(data)
     return
   tmp = p.parent / f"{p.name}.tmp-{os.getpid()}"
-  tmp.write_text(text)
+  tmp.write_bytes(data)
   os.replace(tmp, p)
 
 
@@ -77,14 +82,17 @@ def remove(path: str | os.PathLike) -> None:
 
 
 def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-  """Copies the local directory `src` into `dst` (local or URL), file by file."""
-  src, out = os.fspath(src), as_path(dst)
-  for root, _, files in os.walk(src):
-    rel = os.path.relpath(root, src)
-    target = out if rel == "." else out / rel
+  """Copies the directory `src` into `dst`, file by file; either may be local or a URL
+  (walked level by level: epath refuses a recursive glob on a bucket)."""
+  todo = [(as_path(src), as_path(dst))]
+  while todo:
+    source, target = todo.pop()
     target.mkdir(parents=True, exist_ok=True)
-    for name in files:
-      (target / name).write_bytes(epath.Path(root, name).read_bytes())
+    for f in source.iterdir():
+      if f.is_dir():
+        todo.append((f, target / f.name))
+      else:
+        (target / f.name).write_bytes(f.read_bytes())
 
 
 @contextlib.contextmanager
@@ -112,18 +120,6 @@ def read_json(path: str | os.PathLike):
   return json.loads(read_text(path))
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """`data` written whole: atomically on a local disk, as one object on a bucket."""
-  p = as_path(path)
-  p.parent.mkdir(parents=True, exist_ok=True)
-  if is_remote(p):
-    p.write_bytes(data)
-    return
-  tmp = p.parent / f"{p.name}.tmp-{os.getpid()}"
-  tmp.write_bytes(data)
-  os.replace(tmp, p)
-
-
 def exists(path: str | os.PathLike) -> bool:
   return as_path(path).exists()
 
@@ -145,11 +141,6 @@ def listdir(path: str | os.PathLike) -> list[str]:
   return sorted(p.name for p in as_path(path).iterdir())
 
 
-def open_file(path: str | os.PathLike, mode: str = "r", **kw):
-  """A file object for reading (or writing whole) a local file or an object."""
-  return as_path(path).open(mode, **kw)
-
-
 @contextlib.contextmanager
 def fetched(path: str | os.PathLike) -> Iterator[str]:
   """A local directory holding `path`'s files: `path` itself when it is local, else a
@@ -160,16 +151,7 @@ def fetched(path: str | os.PathLike) -> Iterator[str]:
     return
   tmp = tempfile.mkdtemp(prefix="deepintuit_fetch_")
   try:
-    todo = [(as_path(path), tmp)]  # epath refuses a recursive glob on a bucket
-    while todo:
-      src, dst = todo.pop()
-      os.makedirs(dst, exist_ok=True)
-      for f in src.iterdir():
-        if f.is_dir():
-          todo.append((f, os.path.join(dst, f.name)))
-        else:
-          with open(os.path.join(dst, f.name), "wb") as fh:
-            fh.write(f.read_bytes())
+    copy_tree(path, tmp)
     yield tmp
   finally:
     shutil.rmtree(tmp, ignore_errors=True)

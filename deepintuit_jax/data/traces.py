@@ -59,10 +59,12 @@ def check_row(row: Any, where: str = "trace row") -> Key:
   return item_id, index
 
 
-def _scan(path: str) -> tuple[list[dict], int]:
-  """(rows, byte length of the complete lines) of a trace file; the tail after the last
-  newline is a torn row and is not part of either. Bad complete lines are errors."""
-  data = paths.as_path(path).read_bytes()
+def _scan(path: str, data: bytes | None = None) -> tuple[list[dict], int]:
+  """(rows, byte length of the complete lines) of a trace file (`data`: its bytes, when
+  already read); the tail after the last newline is a torn row and is not part of either.
+  Bad complete lines are errors."""
+  if data is None:
+    data = paths.as_path(path).read_bytes()
   good = data.rfind(b"\n") + 1  # bytes up to and including the last newline
   rows, seen = [], {}
   for lineno, line in enumerate(data[:good].split(b"\n")[:-1], 1):
@@ -113,10 +115,11 @@ class TraceWriter:
     rows: list[dict] = []
     self._blob = b""  # a bucket's object as written so far
     if paths.exists(self.path):
-      rows, good = _scan(self.path)
-      size = paths.as_path(self.path).stat().length
+      data = paths.as_path(self.path).read_bytes()
+      rows, good = _scan(self.path, data)
+      size = len(data)
       if self.remote:
-        self._blob = paths.as_path(self.path).read_bytes()[:good]
+        self._blob = data[:good]
         if size > good:
           paths.write_bytes(self.path, self._blob)
       elif size > good:

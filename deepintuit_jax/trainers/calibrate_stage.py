@@ -63,11 +63,10 @@ def _trace_inputs(traces: str, train_file: str, class_file: str) -> tuple[str, s
 
 def from_config(c) -> CalibrateRun:
   """The locked ConfigDict -> frozen dataclasses (its recipe applied)."""
-  c = recipes.resolve(c)
+  c = recipes.resolve(c)  # a copy: the data files below are set in it
   head = calibrate.check_head(c.calibrate.head)
   model = stage.model_spec(c)
   train_file, class_file, meta = _trace_inputs(c.traces, c.data.train_file, c.data.class_file)
-  c = c.copy_and_resolve_references()
   with c.unlocked():
     c.data.train_file, c.data.class_file = train_file, class_file
   data = stage.data_spec(c)

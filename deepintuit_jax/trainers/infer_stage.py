@@ -59,13 +59,12 @@ def resolve_calibrator(path: str, what: str = "infer.calibrators") -> str:
 
 
 def from_config(c) -> InferRun:
-  c = recipes.resolve(c)
+  c = recipes.resolve(c)  # a copy: its train_file may be set below
   model = stage.model_spec(c)
-  cc = c.copy_and_resolve_references()
   if c.data.eval_files not in ("", "none") and not c.data.train_file:
-    with cc.unlocked():  # no training file here: keep data_spec off the generated benchmark
-      cc.data.train_file = stage.parse_eval_files(c.data.eval_files)[0][1]
-  data = stage.data_spec(cc)
+    with c.unlocked():  # no training file here: keep data_spec off the generated benchmark
+      c.data.train_file = stage.parse_eval_files(c.data.eval_files)[0][1]
+  data = stage.data_spec(c)
   if not data.eval_files:
     raise ValueError("data.eval_files is empty: name the splits to evaluate (name=path,...)")
   i = c.infer
