@@ -134,14 +134,14 @@ def random_workload(args) -> Workload:
   import numpy as np
   from flax import nnx
 
-  from deepintuit_jax.models import qwen2_5_vl, testing
+  from deepintuit_jax.algorithms.grpo import learner as learner_lib
+  from deepintuit_jax.engine import optim
+  from deepintuit_jax.engine import state as train_state
+  from deepintuit_jax.models import qwen2_5_vl, tiny
   from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions
   from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
-  from deepintuit_jax.trainers import optim
-  from deepintuit_jax.trainers import state as train_state
-  from deepintuit_jax.trainers.grpo import learner as learner_lib
 
-  cfg = testing.tiny_config() if args.size == "tiny" else qwen2_5_vl.PRESETS[args.size]
+  cfg = tiny.tiny_config() if args.size == "tiny" else qwen2_5_vl.PRESETS[args.size]
   if args.layers:
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=args.layers))
   opts = RuntimeOptions(dtype=jnp.dtype(args.dtype), param_dtype=jnp.float32, remat=args.remat,
@@ -159,7 +159,7 @@ def random_workload(args) -> Workload:
   batch, options = prompt_batch(cfg, rng, n=args.prompts, text=args.text, frames=args.frames,
                                 side=args.side)
   learner = learner_lib.GRPOLearner(graphdef, tx, optim.schedule(ocfg, 1000), cfg=gcfg,
-                                    tokenizer=testing.build_tokenizer(), options=options,
+                                    tokenizer=tiny.build_tokenizer(), options=options,
                                     model_config=cfg, pad_id=0)
   return Workload(learner=learner, state=state, batch=batch, grpo=gcfg, optim=ocfg)
 
@@ -168,10 +168,11 @@ def export_workload(args) -> Workload:
   """The GRPO stage's set-up (configs/grpo.py, resolved by grpo_stage.from_config, loaded by
   stage.prepare / init_train_state) on the export, and its first rollout batch."""
   from configs import grpo as grpo_configs
-  from deepintuit_jax import sharding
+  from deepintuit_jax.algorithms.grpo import learner as learner_lib
+  from deepintuit_jax.core import sharding
   from deepintuit_jax.data import chat, pipeline
-  from deepintuit_jax.trainers import grpo_stage, optim, stage
-  from deepintuit_jax.trainers.grpo import learner as learner_lib
+  from deepintuit_jax.engine import optim
+  from deepintuit_jax.stages import grpo as grpo_stage, common as stage
 
   c = grpo_configs.get_config()
   c.init_from = args.checkpoint
@@ -239,8 +240,8 @@ def write_peer_workload(work: Workload, args, out_dir: str) -> str:
   """workload.json + one PNG per prompt under out_dir, for benchmarks/trl_grpo_peer.py."""
   import cv2
   import numpy as np
+  from deepintuit_jax.algorithms.grpo import loss as loss_lib
   from deepintuit_jax.data import annotations, chat
-  from deepintuit_jax.trainers.grpo import loss as loss_lib
 
   os.makedirs(out_dir, exist_ok=True)
   b = work.batch

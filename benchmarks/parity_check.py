@@ -1,6 +1,6 @@
 """Logit parity of our model against transformers in fp32 and bf16 (a gpu_check check).
 
-One random-weight transformers model (`models.testing.hf_reference`: HF init with norms and
+One random-weight transformers model (`tools/hf_reference.py`: HF init with norms and
 biases randomised) gives its tensors to two of ours (fp32 and bf16 compute); all four runs
 (transformers fp32 / bf16, ours fp32 / bf16) see one row of text with one video
 (`sft_step.make_batch`). Errors are relative L2 norms of the logits against transformers in
@@ -36,11 +36,11 @@ def _hf_logits(cfg, b: dict) -> tuple[dict, np.ndarray, np.ndarray]:
   """(HF tensors as NumPy, transformers' fp32 logits, its bf16 logits) [1, T, V]; the
   torch model is gone (and its GPU cache released) when this returns."""
   import torch
-  from deepintuit_jax.models import testing
+  from tools import hf_reference
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (the patch Conv3d too)
   torch.backends.cudnn.allow_tf32 = False
-  ref = testing.hf_reference(cfg, device=dev)
+  ref = hf_reference.hf_reference(cfg, device=dev)
   tensors = {k: v.detach().cpu().numpy() for k, v in ref.state_dict().items()}
   kw = dict(input_ids=torch.as_tensor(b["input_ids"], dtype=torch.long),
             attention_mask=torch.as_tensor(b["attention_mask"]),

@@ -3,7 +3,7 @@
     python benchmarks/rollout.py --size=tiny --batch=1,4 --groups=1,8 --prompt=64 --new=64
 
 Both sides load one random-weight Qwen2.5-VL Hugging Face directory (written by
-`models/testing.write_tiny_checkpoint`, or a wider `--size`) and decode the same text
+`models/tiny.write_tiny_checkpoint`, or a wider `--size`) and decode the same text
 prompts greedily for exactly `--new` tokens (no stop token), so their tokens must agree;
 the table prints that agreement. For each prompt batch B and group size G:
 * ours: `sampler.sample(..., num_samples=G)`: one prefill per prompt, G continuations;
@@ -39,11 +39,11 @@ SIZES = {"tiny": (64, 128, 2, 4, 2), "small": (256, 704, 4, 8, 2), "medium": (51
 
 
 def write_checkpoint(path: str, size: str) -> str:
-  from deepintuit_jax.models import testing
+  from deepintuit_jax.models import tiny
   d, f, l, h, kv = SIZES[size]
-  cfg = testing.tiny_config(text=dict(hidden_size=d, intermediate_size=f, num_hidden_layers=l,
+  cfg = tiny.tiny_config(text=dict(hidden_size=d, intermediate_size=f, num_hidden_layers=l,
                                       num_attention_heads=h, num_key_value_heads=kv))
-  return testing.write_tiny_checkpoint(path, config=cfg)
+  return tiny.write_tiny_checkpoint(path, config=cfg)
 
 
 # Text decoder dims for the on-paper cache sizes: (layers, kv heads, head dim).

@@ -126,11 +126,12 @@ def build_jax(cfg, b: dict, *, dtype: str, remat: str, loss_chunk: int = 0,
   """
   import jax.numpy as jnp
   from flax import nnx
+  from deepintuit_jax.algorithms import sft
+  from deepintuit_jax.engine import optim
+  from deepintuit_jax.engine import state as train_state
   from deepintuit_jax.models.qwen2_5_vl import vision
   from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions
   from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
-  from deepintuit_jax.trainers import optim, sft
-  from deepintuit_jax.trainers import state as train_state
   dt = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[dtype]
   model = Qwen2_5_VL(cfg, RuntimeOptions(dtype=dt, param_dtype=jnp.float32, remat=remat,
                                          attention_impl=attention_impl), rngs=nnx.Rngs(0))

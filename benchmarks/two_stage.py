@@ -31,7 +31,7 @@ SIZES = {"tiny": ((64, 128, 2, 4, 2), (2, 32, 64, 2)),
 
 
 def checkpoint(cache: str, size: str) -> str:
-  from deepintuit_jax.models import testing
+  from deepintuit_jax.models import tiny
   path = os.path.join(cache, f"random_{size}")
   if os.path.isfile(os.path.join(path, "config.json")):
     return path
@@ -39,10 +39,10 @@ def checkpoint(cache: str, size: str) -> str:
   vision = {} if size == "tiny" else dict(depth=vd, hidden_size=vw, intermediate_size=vf,
                                           num_heads=vh, window_size=112,
                                           fullatt_block_indexes=(7, 15, 23, 31))
-  cfg = testing.tiny_config(text=dict(hidden_size=d, intermediate_size=f, num_hidden_layers=l,
+  cfg = tiny.tiny_config(text=dict(hidden_size=d, intermediate_size=f, num_hidden_layers=l,
                                       num_attention_heads=h, num_key_value_heads=kv),
                             vision=vision)
-  return testing.write_tiny_checkpoint(path, config=cfg)
+  return tiny.write_tiny_checkpoint(path, config=cfg)
 
 
 def main() -> None:

@@ -22,11 +22,11 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
-from deepintuit_jax import recipes
+from deepintuit_jax.core import recipes
 
 
 # The release's recipe: with model.checkpoint set (or `:real`) these values replace the tiny
-# ones the fields below hold (deepintuit_jax/recipes.py).
+# ones the fields below hold (deepintuit_jax/core/recipes.py).
 RELEASE = {"train.learning_rate": 2e-5, "train.head_learning_rate": 1e-3, "train.epochs": 10,
            "train.batch_size": 256, "data.max_frames": 32, "data.max_pixels": 200704,
            "checkpoint.every_steps": 500}

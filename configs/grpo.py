@@ -21,10 +21,10 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
-from deepintuit_jax import recipes
+from deepintuit_jax.core import recipes
 
 # The release's GRPO recipe (../shared/RECIPE.md, stage 1): with model.checkpoint set (or
-# `:real`) these values replace the tiny ones the fields below hold (deepintuit_jax/recipes.py).
+# `:real`) these values replace the tiny ones the fields below hold (deepintuit_jax/core/recipes.py).
 RELEASE = {"train.learning_rate": 1e-6, "train.warmup_steps": 10, "train.epochs": 20,
            "train.num_steps": 0, "train.frozen": "", "grpo.group_size": 8,
            "grpo.prompts_per_rollout": 64, "grpo.mini_batch_prompts": 32,
@@ -32,7 +32,7 @@ RELEASE = {"train.learning_rate": 1e-6, "train.warmup_steps": 10, "train.epochs"
            "grpo.dynamic_sampling": False, "data.max_frames": 32, "data.max_pixels": 200704,
            "eval.max_new_tokens": 2048, "checkpoint.every_steps": 50}
 # The tiny recipe (the fields below), chosen by measurement from the chain's SFT export
-# (docs/guide.md "GRPO"):
+# (docs/stages.md "GRPO", "Why this recipe"):
 # - sampling at 0.7: at 1.0 only 6-38% of the tiny SFT policy's rollouts are well formed
 #   (62-94% at 0.7), so most groups carried no signal;
 # - the vision tower frozen, lr 1e-4, dynamic sampling, 8 prompts x G 8 per rollout, 40 steps:
@@ -85,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       top_p=1.0,
       rewards="format:1.0,accuracy:1.0",  # name:weight of registered rewards
       reward_modules="",      # comma-separated modules or .py files imported first: their
-                              # @trainers.grpo.rewards.register(name) adds rewards to name
+                              # @algorithms.grpo.rewards.register(name) adds rewards to name
       advantage="grpo",       # grpo | dr_grpo | rloo | reinforce_plus_plus_baseline
       policy_loss="vanilla",  # vanilla | gspo
       loss_agg="token-mean",  # token-mean | seq-mean-token-sum | seq-mean-token-mean |

@@ -24,12 +24,12 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
-from deepintuit_jax import recipes
+from deepintuit_jax.core import recipes
 
 
-# The release-scale recipe (the frames are SFT's; docs/guide.md "Imitation baseline" says why
+# The release-scale recipe (the frames are SFT's; docs/stages.md "Imitation baseline" says why
 # the rest): with model.checkpoint set (or `:real`) these values replace the tiny ones the
-# fields below hold (deepintuit_jax/recipes.py).
+# fields below hold (deepintuit_jax/core/recipes.py).
 RELEASE = {"train.learning_rate": 5e-5, "train.epochs": 10, "train.batch_size": 64,
            "train.weight_decay": 0.05, "data.max_frames": 32, "data.max_pixels": 200704,
            "checkpoint.every_steps": 500, "imitation.head_width": 512,

@@ -21,11 +21,11 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
-from deepintuit_jax import recipes
+from deepintuit_jax.core import recipes
 
 
 # The release's recipe: with model.checkpoint set (or `:real`) these values replace the tiny
-# ones the fields below hold (deepintuit_jax/recipes.py).
+# ones the fields below hold (deepintuit_jax/core/recipes.py).
 RELEASE = {"infer.max_new_tokens": 2048, "infer.prompt": "full", "eval.max_new_tokens": 2048,
            "data.max_frames": 32, "data.max_pixels": 200704}
 

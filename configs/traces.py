@@ -20,11 +20,11 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
-from deepintuit_jax import recipes
+from deepintuit_jax.core import recipes
 
 
 # The release's recipe: with model.checkpoint set (or `:real`) these values replace the tiny
-# ones the fields below hold (deepintuit_jax/recipes.py).
+# ones the fields below hold (deepintuit_jax/core/recipes.py).
 RELEASE = {"traces.num_traces": 4, "traces.temperature": 1.0, "traces.max_new_tokens": 2048,
            "traces.prompt": "full", "data.max_frames": 32, "data.max_pixels": 200704}
 

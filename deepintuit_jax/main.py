@@ -7,7 +7,7 @@ The config is a locked ml_collections ConfigDict (an unknown `--config.x` fails,
 closest key suggested). Its `stage` picks a registered stage, which turns the config into
 frozen dataclasses once and runs. Rerunning the same command in the same workdir resumes
 from its latest checkpoint; a config that changes the numbers is refused there (see
-`deepintuit_jax.workdir`), a finished run is not redone. Configuration and input errors
+`deepintuit_jax.core.workdir`), a finished run is not redone. Configuration and input errors
 print as one line (`error: ...`, exit code 2) without a traceback unless `--traceback`.
 """
 from __future__ import annotations
@@ -21,9 +21,10 @@ from typing import Any, Callable, NamedTuple
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deepintuit_jax import distributed, errors, interrupts, paths, preflight, recipes
-from deepintuit_jax import lease as lease_lib, workdir as workdir_lib
+from deepintuit_jax.core import distributed, errors, interrupts, paths, recipes
+from deepintuit_jax.core import lease as lease_lib, workdir as workdir_lib
 from deepintuit_jax.data.errors import BadSample
+from deepintuit_jax.stages import preflight
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file [:arg]",
                                           lock_config=True)
@@ -58,33 +59,33 @@ def register_stage(name: str, loader: Callable[[], Stage]) -> None:
 
 
 def _sft() -> Stage:
-  from deepintuit_jax.trainers import sft_stage
-  return Stage(sft_stage.from_config, sft_stage.run)
+  from deepintuit_jax.stages import sft
+  return Stage(sft.from_config, sft.run)
 
 
 def _grpo() -> Stage:
-  from deepintuit_jax.trainers import grpo_stage
-  return Stage(grpo_stage.from_config, grpo_stage.run)
+  from deepintuit_jax.stages import grpo
+  return Stage(grpo.from_config, grpo.run)
 
 
 def _traces() -> Stage:
-  from deepintuit_jax.trainers import traces_stage
-  return Stage(traces_stage.from_config, traces_stage.run)
+  from deepintuit_jax.stages import traces
+  return Stage(traces.from_config, traces.run)
 
 
 def _calibrate() -> Stage:
-  from deepintuit_jax.trainers import calibrate_stage
-  return Stage(calibrate_stage.from_config, calibrate_stage.run)
+  from deepintuit_jax.stages import calibrate
+  return Stage(calibrate.from_config, calibrate.run)
 
 
 def _infer() -> Stage:
-  from deepintuit_jax.trainers import infer_stage
-  return Stage(infer_stage.from_config, infer_stage.run)
+  from deepintuit_jax.stages import infer
+  return Stage(infer.from_config, infer.run)
 
 
 def _deepintuit() -> Stage:  # the whole chain; it runs the stages registered here
   import functools
-  from deepintuit_jax.trainers import chain
+  from deepintuit_jax.stages import chain
   return Stage(chain.from_config, functools.partial(chain.run, stages=_STAGES))
 
 
@@ -97,7 +98,7 @@ register_stage("deepintuit", _deepintuit)
 
 
 def _imitation() -> Stage:
-  from deepintuit_jax.trainers import imitation
+  from deepintuit_jax.stages import imitation
   return Stage(imitation.from_config, imitation.run)
 
 
@@ -118,7 +119,7 @@ def default_workdir(config_arg: str) -> str:
 def maybe_initialize_distributed() -> None:
   """Multi-process JAX when launched as one of several processes (explicit
   JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, SLURM, Open MPI, TPU pod);
-  a single process is left alone (`deepintuit_jax.distributed`)."""
+  a single process is left alone (`deepintuit_jax.core.distributed`)."""
   distributed.maybe_initialize()
 
 
@@ -236,7 +237,7 @@ def _main() -> None:
                              f": cannot load the config file ({lines[-1]})") from None
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
-  # The numbers the run uses: the release's for a real checkpoint (deepintuit_jax/recipes.py);
+  # The numbers the run uses: the release's for a real checkpoint (deepintuit_jax/core/recipes.py);
   # printed and recorded in the workdir as they are.
   config = recipes.resolve(config)
   preflight.check_config(config)  # reads only: a refused or invalid run touches no file
@@ -255,7 +256,7 @@ def _main() -> None:
 def _run(stage: Stage, config, workdir: str, is_main: bool) -> None:
   """The run, once it holds the workdir: the comparison with the recorded config and the
   finished check only read; a failed start is cleaned up by the Guard."""
-  from deepintuit_jax import sharding
+  from deepintuit_jax.core import sharding
 
   recorded = config.to_dict()
   plan = workdir_lib.check(workdir, recorded, allow_change=_ALLOW_CHANGE.value)

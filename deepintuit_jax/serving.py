@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from deepintuit_jax.errors import ConfigError
+from deepintuit_jax.core.errors import ConfigError
 
 # config.json key of the rope rule, as models/qwen2_5_vl/config.py writes it (that package
 # imports jax; tests/unit/test_serving.py checks that the two agree).

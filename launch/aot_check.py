@@ -139,9 +139,9 @@ def _train_state(args, cfg, opts, mesh, kind: str):
   """The abstract train state of `kind` (optimizer state included) and its shardings."""
   import jax
   import jax.numpy as jnp
+  from deepintuit_jax.engine import optim
+  from deepintuit_jax.engine import state as train_state
   from deepintuit_jax.models import qwen2_5_vl
-  from deepintuit_jax.trainers import optim
-  from deepintuit_jax.trainers import state as train_state
   frozen_re = RELEASE_FROZEN[kind] if args.frozen is None else args.frozen
   model = qwen2_5_vl.abstract_model(cfg, opts)
   ocfg = optim.OptimConfig(frozen=tuple(p for p in frozen_re.split(",") if p))
@@ -158,7 +158,7 @@ def _train_state(args, cfg, opts, mesh, kind: str):
 def _groups(args, mesh) -> int:
   """Batch groups of the global batch: one per data-parallel shard, over all processes (a
   topology's devices belong to many hosts; each host's loader yields its own groups)."""
-  from deepintuit_jax import sharding as sharding_lib
+  from deepintuit_jax.core import sharding as sharding_lib
   groups = sharding_lib.data_parallel_size(mesh)
   if args.batch % groups:
     raise SystemExit(f"error: --batch {args.batch} must be a multiple of the {groups} "
@@ -170,7 +170,7 @@ def _groups(args, mesh) -> int:
 def _abstract_batch(host: dict, mesh, row_axes=None) -> dict:
   import jax
   import numpy as np
-  from deepintuit_jax import sharding as sharding_lib
+  from deepintuit_jax.core import sharding as sharding_lib
   sh = sharding_lib.batch_shardings(host, mesh, row_axes=row_axes)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
                                                         sharding=s), host, sh)
@@ -180,9 +180,10 @@ def _build(args, cfg, opts, mesh, kind: str) -> Built:
   """The train step of `kind` (sft, grpo, calibrate) lowered from shapes. Every trainer name
   the check uses is in here."""
   import numpy as np
-  from deepintuit_jax import sharding as sharding_lib
-  from deepintuit_jax.trainers import calibrate, optim, sft
-  from deepintuit_jax.trainers.step import TrainStep
+  from deepintuit_jax.algorithms import calibrator, sft
+  from deepintuit_jax.core import sharding as sharding_lib
+  from deepintuit_jax.engine import optim
+  from deepintuit_jax.engine.step import TrainStep
 
   groups = _groups(args, mesh)
   graphdef, tx, lr_fn, state, shardings = _train_state(args, cfg, opts, mesh, kind)
@@ -193,7 +194,7 @@ def _build(args, cfg, opts, mesh, kind: str) -> Built:
     host, step = grpo_step(graphdef, tx, lr_fn, host, mesh=mesh, shardings=shardings,
                            loss_chunk=args.loss_chunk)
   elif kind == "calibrate":  # the release's label-token readout (loss on one token per row)
-    step = TrainStep(calibrate.make_loss_fn(graphdef, "label_token", [1, 2]), tx, lr_fn,
+    step = TrainStep(calibrator.make_loss_fn(graphdef, "label_token", [1, 2]), tx, lr_fn,
                      mesh=mesh, state_sharding=shardings, count_name="rows")
   else:
     step = sft.make_train_step(graphdef, tx, lr_fn, mesh=mesh, state_sharding=shardings,
@@ -214,7 +215,7 @@ def grpo_step(graphdef, tx, lr_fn, host: dict, *, mesh, shardings, loss_chunk: i
   """The GRPO update step and `host` with GRPO's per-row arrays added (advantages [G, b],
   old / rollout log-probs [G, b, T]), so the check covers the policy-loss step too."""
   import numpy as np
-  from deepintuit_jax.trainers.grpo import learner
+  from deepintuit_jax.algorithms.grpo import learner
   ids = np.asarray(host["input_ids"])
   host = dict(host, advantages=np.zeros(ids.shape[:2], np.float32),
               old_logprobs=np.zeros(ids.shape, np.float32),
@@ -235,11 +236,11 @@ def _build_rollout(args, cfg, opts, mesh) -> Built:
   import numpy as np
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from deepintuit_jax import sharding as sharding_lib
+  from deepintuit_jax.algorithms.grpo import rollout
+  from deepintuit_jax.core import sharding as sharding_lib
+  from deepintuit_jax.engine import optim
   from deepintuit_jax.models import qwen2_5_vl
   from deepintuit_jax.sampling import sampler
-  from deepintuit_jax.trainers import optim
-  from deepintuit_jax.trainers.grpo import rollout
 
   groups = _groups(args, mesh)
   graphdef, state = nnx.split(qwen2_5_vl.abstract_model(cfg, opts))
@@ -281,7 +282,7 @@ def _mesh(args):
   """The mesh of the run checked: over a TPU slice's compile-only devices (--topology, its
   data axis x --num_slices over DCN), N fake CPU devices, or this machine's devices."""
   import jax
-  from deepintuit_jax import sharding as sharding_lib
+  from deepintuit_jax.core import sharding as sharding_lib
   shape = [int(x) for x in args.mesh.split(",")]
   devices, spec = None, None
   if args.topology:
@@ -301,7 +302,7 @@ def _mesh(args):
 
 
 def _attention_name(opts, mesh) -> str:
-  from deepintuit_jax import sharding as sharding_lib
+  from deepintuit_jax.core import sharding as sharding_lib
   from deepintuit_jax.models.qwen2_5_vl import attention
   impl = attention.resolve_impl(opts.attention_impl, dtype=opts.dtype, head_dim=128,
                                 causal_text=True, platform=sharding_lib.mesh_platform(mesh))
@@ -403,10 +404,10 @@ def main(argv=None) -> dict:
                                f" --xla_force_host_platform_device_count={args.fake_devices}")
   import jax.numpy as jnp
 
-  from deepintuit_jax.models import qwen2_5_vl, testing
+  from deepintuit_jax.models import qwen2_5_vl, tiny
   from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions
 
-  cfg = testing.tiny_config() if args.size == "tiny" else qwen2_5_vl.PRESETS[args.size]
+  cfg = tiny.tiny_config() if args.size == "tiny" else qwen2_5_vl.PRESETS[args.size]
   if args.layers:
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=args.layers))
   dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]

@@ -3,9 +3,9 @@
     python scripts/build_tiny_base.py --out deepintuit_jax/assets/tiny_base [--seed 0]
         [--num_clips 4000] [--steps 750] [--batch 8] [--lr 3e-3] [--corpus DIR]
 
-Steps: generate the corpus (`data/pretrain_corpus.py`) into --corpus (default: a folder in
+Steps: generate the corpus (`tools/tiny_base_corpus.py`) into --corpus (default: a folder in
 the cache, reused when complete); write a random HF checkpoint of `tiny_base.base_config()`
-with the tiny tokenizer (`testing.write_tiny_checkpoint`); train it with the SFT pieces
+with the tiny tokenizer (`tiny.write_tiny_checkpoint`); train it with the SFT pieces
 (`pipeline.make_train_loader`, `state.init_state`, `sft.make_train_step`,
 `optim.make_optimizer`: next-token loss on the answers given the video, everything
 trainable); measure it on the held-out clips (teacher-forced answer accuracy per request);
@@ -27,10 +27,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from deepintuit_jax.data import annotations, pipeline, pretrain_corpus  # noqa: E402
-from deepintuit_jax.models import testing, tiny_base  # noqa: E402
+from deepintuit_jax.data import annotations, pipeline  # noqa: E402
+from deepintuit_jax.models import tiny, tiny_base  # noqa: E402
+from tools import tiny_base_corpus as pretrain_corpus  # noqa: E402
 
-FRAMES, MAX_PIXELS = 8, 64 * 28 * 28  # as the embedded default's SFT (sft_stage.TINY)
+FRAMES, MAX_PIXELS = 8, 64 * 28 * 28  # as the embedded default's SFT (configs/sft.py)
 HELDOUT_TOWER_REQUEST = "direction"  # one record per held-out clip for the tower's measure
 
 
@@ -56,7 +57,8 @@ def heldout_eval(graphdef, state, records, *, tokenizer, model_config, options, 
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from deepintuit_jax.trainers import logprobs, sft
+  from deepintuit_jax.algorithms import sft
+  from deepintuit_jax.engine import logprobs
 
   @jax.jit
   def correct(params, frozen, rest, b):
@@ -110,11 +112,12 @@ def build(out: str, *, seed: int = 0, num_clips: int = 4000, num_heldout: int = 
   """Pretrains and writes the HF directory `out`; returns build_info (also in the dir)."""
   import jax
   import jax.numpy as jnp
-  from deepintuit_jax import sharding
+  from deepintuit_jax.algorithms import sft
+  from deepintuit_jax.core import sharding
+  from deepintuit_jax.engine import loop, optim
+  from deepintuit_jax.engine import state as train_state
   from deepintuit_jax.models import qwen2_5_vl
   from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions
-  from deepintuit_jax.trainers import loop, optim, sft
-  from deepintuit_jax.trainers import state as train_state
 
   t0 = time.time()
   corpus_dir = corpus_dir or os.path.join(
@@ -124,8 +127,8 @@ def build(out: str, *, seed: int = 0, num_clips: int = 4000, num_heldout: int = 
   t_corpus = time.time() - t0
   config = config or tiny_base.base_config()
   init_dir = tempfile.mkdtemp(prefix="tiny_base_init_")
-  testing.write_tiny_checkpoint(init_dir, seed=seed, config=config)
-  tokenizer = testing.build_tokenizer(seed=0)
+  tiny.write_tiny_checkpoint(init_dir, seed=seed, config=config)
+  tokenizer = tiny.build_tokenizer(seed=0)
   # One device: the model is a few MB, and data parallelism over host devices only adds
   # compile time.
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
@@ -216,9 +219,9 @@ def build(out: str, *, seed: int = 0, num_clips: int = 4000, num_heldout: int = 
 
 
 def pretrain_tower(model, records, heldout, root, options, *, seed, steps, batch, lr) -> dict:
-  """Stage 1: `visual.*` alone on the dense per-token targets (trainers/tower_pretrain.py),
+  """Stage 1: `visual.*` alone on the dense per-token targets (tools/tiny_base_tower.py),
   updated in place; returns its build_info entry (held-out per-token accuracies)."""
-  from deepintuit_jax.trainers import tower_pretrain
+  from tools import tiny_base_tower as tower_pretrain
   t = time.time()
   vcfg = model.config.vision
   one = [r for r in heldout if r.extra["synthetic"]["request"] == HELDOUT_TOWER_REQUEST]
@@ -262,9 +265,9 @@ def main(argv=None) -> None:
                   help="5e-3 learns colour and presence but never motion (measured)")
   ap.add_argument("--frozen", default=r"^visual\.",
                   help="regexes frozen in the VLM stage ('' = everything trainable)")
-  ap.add_argument("--config", default="base", help="base | tiny (testing.tiny_config)")
+  ap.add_argument("--config", default="base", help="base | tiny (tiny.tiny_config)")
   a = ap.parse_args(argv)
-  config = tiny_base.base_config() if a.config == "base" else testing.tiny_config()
+  config = tiny_base.base_config() if a.config == "base" else tiny.tiny_config()
   info = build(a.out, seed=a.seed, num_clips=a.num_clips, num_heldout=a.num_heldout,
                steps=a.steps, batch=a.batch, lr=a.lr, corpus_dir=a.corpus, config=config,
                min_pixels=a.min_pixels, eval_every=a.eval_every,

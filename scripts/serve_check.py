@@ -34,8 +34,8 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from deepintuit_jax import serving  # noqa: E402
+from deepintuit_jax.core.errors import UserError  # noqa: E402
 from deepintuit_jax.data import annotations, chat, prompts  # noqa: E402
-from deepintuit_jax.errors import UserError  # noqa: E402
 
 ENGINES = ("project", "transformers", "vllm")
 

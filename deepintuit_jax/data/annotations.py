@@ -22,10 +22,10 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from deepintuit_jax import paths
+from deepintuit_jax.core import paths
+from deepintuit_jax.core.errors import InputError, InputNotFound
 from deepintuit_jax.data import errors
 from deepintuit_jax.data.errors import BadSample, SkipLedger
-from deepintuit_jax.errors import InputError, InputNotFound
 
 AMBIGUOUS_FILE = "ambiguous_file"
 # Fields consumed into the Record's own attributes; everything else goes to `extra`.

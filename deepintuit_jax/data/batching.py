@@ -8,7 +8,7 @@ those two numbers. A batch with fewer real examples than `batch_size` is filled 
 rows (one attended pad token, loss_mask 0, no video); `num_real` counts the real rows, which
 come first.
 
-Grouped batches (`groups=G`, for data-parallel vision, see trainers/sft.py): rows
+Grouped batches (`groups=G`, for data-parallel vision, see algorithms/sft.py): rows
 [g*b, (g+1)*b) (b = batch_size / G) form group g; each group holds only its own videos,
 padded to one patch bucket common to all groups, and every device array gets a leading
 group axis. Several processes agree on the two buckets by passing `length=` / `patches=`

@@ -20,7 +20,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from deepintuit_jax import paths
+from deepintuit_jax.core import paths
 from deepintuit_jax.data import prompts
 
 # The release's generation-input fields carrying the text materials.

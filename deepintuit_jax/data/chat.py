@@ -73,7 +73,7 @@ def add_tokens_for_mode(tokenizer, labels: Sequence[str], mode: str) -> list[str
   """`data.special_tokens`: "added" (plain added tokens, visible after decoding), "special"
   (the release: special tokens) or "none" (the tokenizer is left unchanged)."""
   if mode not in TOKEN_MODES:
-    from deepintuit_jax.errors import ConfigError
+    from deepintuit_jax.core.errors import ConfigError
     raise ConfigError(f"data.special_tokens={mode!r}: must be one of {', '.join(TOKEN_MODES)}")
   if mode == "none":
     return []

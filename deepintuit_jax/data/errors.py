@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from deepintuit_jax.errors import shorten
+from deepintuit_jax.core.errors import shorten
 
 ON_BAD_SAMPLE = ("error", "skip")
 

@@ -31,11 +31,11 @@ from typing import Any
 import grain
 import numpy as np
 
+from deepintuit_jax.core.errors import DataWorkerError
 from deepintuit_jax.data import batching, chat
 from deepintuit_jax.data.errors import BadSample, SkipLedger
 from deepintuit_jax.data.examples import ExampleBuilder, PipelineOptions, marker_error
 from deepintuit_jax.data.examples import PosMap as _PosMap
-from deepintuit_jax.errors import DataWorkerError
 
 __all__ = ["PipelineOptions", "Loader", "make_train_loader", "make_eval_batches", "HOST_KEYS"]
 HOST_KEYS = batching.HOST_KEYS

@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from deepintuit_jax import interrupts, paths
+from deepintuit_jax.core import interrupts, paths
 from deepintuit_jax.data import prompts
 
 Key = tuple[str, int]

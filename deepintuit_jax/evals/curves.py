@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from deepintuit_jax import paths
+from deepintuit_jax.core import paths
 from deepintuit_jax.evals import plots
 
 REWARD_KEYS = ("reward/accuracy", "reward/format")

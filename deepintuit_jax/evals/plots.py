@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from deepintuit_jax import paths
+from deepintuit_jax.core import paths
 from deepintuit_jax.evals import metrics as metrics_lib
 
 

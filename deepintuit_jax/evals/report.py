@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from deepintuit_jax import paths
+from deepintuit_jax.core import paths
 from deepintuit_jax.evals import metrics as metrics_lib
 
 COLLAPSE_SHARE = 0.9   # a model giving one class to at least this share of items is flagged

@@ -19,7 +19,7 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
-from deepintuit_jax import paths
+from deepintuit_jax.core import paths
 from deepintuit_jax.evals import report
 
 RESULTS_MD, RESULTS_JSON = "results.md", "results.json"

@@ -10,7 +10,7 @@
    `<out_dir>/calibration.json`) and the calibrator runs one forward step on it
    (`Calibrator.scores`): the label-token logits at the readout position, softmaxed over
    the label tokens only, are the confidences (they sum to 1); their argmax is the
-   prediction (`trainers.calibrate` has the readout; the hidden-state head gives its C logits
+   prediction (`algorithms.calibrator` has the readout; the hidden-state head gives its C logits
    the same way).
 Rows (`<out_dir>/predictions.jsonl`, written whole at the end): id, response, scores
 ({label: p}), prediction, label (None when unknown), trace_answer (the policy's own parsed
@@ -18,7 +18,7 @@ answer). Resuming re-runs only what is missing: the traces file keeps every fini
 the calibrator pass, one forward step per item, is recomputed.
 
 The same trace writer, with K samples at temperature 1.0, makes the calibration training
-traces (trainers/traces_stage.py).
+traces (stages/traces.py).
 """
 from __future__ import annotations
 
@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepintuit_jax import paths
-from deepintuit_jax import sharding as sharding_lib
+from deepintuit_jax.algorithms import calibrator
+from deepintuit_jax.core import paths
+from deepintuit_jax.core import sharding as sharding_lib
 from deepintuit_jax.data import annotations, calibration, chat, pipeline, prompts, traces
 from deepintuit_jax.evals import generation, metrics as metrics_lib
-from deepintuit_jax.trainers import calibrate
 
 PROMPTS = ("full", "compact")
 
@@ -157,8 +157,8 @@ def meta_review_records(records: Sequence[Any], trace_rows: Sequence[Mapping[str
 @functools.partial(jax.jit, static_argnames=("graphdef", "head"))
 def _scores_jit(graphdef, state, batch, label_ids, *, head):
   model = nnx.merge(graphdef, state)
-  pos = calibrate.last_positions(batch["attention_mask"])
-  cls, _ = calibrate.class_logits(model, head, batch, pos, label_ids)
+  pos = calibrator.last_positions(batch["attention_mask"])
+  cls, _ = calibrator.class_logits(model, head, batch, pos, label_ids)
   return jax.nn.softmax(cls.astype(jnp.float32), axis=-1)
 
 
@@ -169,7 +169,7 @@ class Calibrator:
 
   def __init__(self, path: str, labels: Sequence[str], *, dtype=jnp.bfloat16, mesh=None,
                tokens: str = "added", rope_convention: str | None = None):
-    self.meta = calibrate.read_meta(path)
+    self.meta = calibrator.read_meta(path)
     self.head, self.labels = self.meta["head"], list(labels)
     trained = self.meta.get("classes") or self.labels
     if sorted(trained) != sorted(self.labels):
@@ -182,8 +182,8 @@ class Calibrator:
     backbone = path if self.head == "label_token" else self.meta["backbone"]
     vlm, self.tokenizer = load_model(backbone, self.labels, dtype=dtype, mesh=mesh,
                                      tokens=tokens, rope_convention=rope_convention)
-    self.model = vlm if self.head == "label_token" else calibrate.HeadCalibrator(
-        vlm, calibrate.load_head(path))
+    self.model = vlm if self.head == "label_token" else calibrator.HeadCalibrator(
+        vlm, calibrator.load_head(path))
     self.label_ids = np.asarray(chat.label_token_ids(self.tokenizer, self.labels), np.int32)
     self.config = vlm.config
 

@@ -4,10 +4,10 @@ embedded default starts from a model that already sees (as real runs start from 
     from deepintuit_jax.models import tiny_base
     hf_dir = tiny_base.checkpoint_dir(cache_dir)   # the HF directory to start from
 
-`base_config()` is its architecture (a sibling of `testing.tiny_config()`, which the unit
+`base_config()` is its architecture (a sibling of `tiny.tiny_config()`, which the unit
 and parity tests keep using unchanged). The weights are built by
 `scripts/build_tiny_base.py` (deterministic for a seed) from the corpus of
-`data/pretrain_corpus.py` and shipped in `deepintuit_jax/assets/tiny_base/`;
+`tools/tiny_base_corpus.py` and shipped in `deepintuit_jax/assets/tiny_base/`;
 `checkpoint_dir` copies them once into the cache under a versioned name (atomic rename).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import shutil
 from typing import Any
 
-from deepintuit_jax.models import testing
+from deepintuit_jax.models import tiny
 from deepintuit_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 
 # Bump whenever the shipped weights or `base_config` change (names the cache entry).
@@ -29,20 +29,20 @@ FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenize
 
 
 def base_config(**overrides: Any) -> Qwen2_5_VLConfig:
-  """The tiny base's architecture: `testing.tiny_config` with a decoder whose mrope turns a
+  """The tiny base's architecture: `tiny.tiny_config` with a decoder whose mrope turns a
   height / width step into a real rotation (head size 32, rope theta 10, sections 2/7/7:
   frequencies 1..0.12 rad per step, against at most 0.03 and 2e-4 for the tiny config's
   head 16, theta 1e6, 2/3/3) and a wider, deeper decoder; a tower twice as wide (128,
   MLP 256): at 64 / 128 it learned the per-token motion target more slowly and generalised
   less (held-out per-token motion 0.63 against 0.70 after 2,000 steps of
-  trainers/tower_pretrain.py at lr 1e-3 on 2,000 clips). Same keywords as `tiny_config`."""
+  tools/tiny_base_tower.py at lr 1e-3 on 2,000 clips). Same keywords as `tiny_config`."""
   text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, rope_theta=10.0,
               mrope_section=(2, 7, 7))
   text.update(overrides.pop("text", None) or {})
   vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2)
   vision.update(overrides.pop("vision", None) or {})
-  return testing.tiny_config(text=text, vision=vision, **overrides)
+  return tiny.tiny_config(text=text, vision=vision, **overrides)
 
 
 def default_init(init_from: str, *, model_checkpoint: str, cache_dir: str) -> str:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepintuit_jax import sharding as sharding_lib
+from deepintuit_jax.core import sharding as sharding_lib
 from deepintuit_jax.models.qwen2_5_vl import rope, vision
 from deepintuit_jax.models.qwen2_5_vl.model import check_vision_tokens
 from deepintuit_jax.models.qwen2_5_vl.text import KVCache

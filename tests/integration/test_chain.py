@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from deepintuit_jax.interrupts import KILL_AFTER
+from deepintuit_jax.core.interrupts import KILL_AFTER
 from tests.integration.main_env import main_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

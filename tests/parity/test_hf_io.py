@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepintuit_jax.models import qwen2_5_vl, safetensors_io, testing
-from deepintuit_jax.models import testing
+from deepintuit_jax.models import qwen2_5_vl, safetensors_io, tiny
+from tools import hf_reference
 from deepintuit_jax.models.qwen2_5_vl import hf_io, rope, vision
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-IMG, VID, VS, VE = (testing.TOKEN_IDS[t] for t in (
+IMG, VID, VS, VE = (tiny.TOKEN_IDS[t] for t in (
     "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
 
 
@@ -30,10 +30,10 @@ def _flat(sd) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
   """A transformers-saved tiny model (randomised norms and biases), with the tokenizer files."""
-  src = testing.write_tiny_checkpoint(str(tmp_path_factory.mktemp("src")), seed=3)
+  src = tiny.write_tiny_checkpoint(str(tmp_path_factory.mktemp("src")), seed=3)
   torch.manual_seed(0)
   ref = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(src).eval()
-  testing.randomize_norms_and_biases(ref)
+  hf_reference.randomize_norms_and_biases(ref)
   out = str(tmp_path_factory.mktemp("hf"))
   ref.save_pretrained(out)
   for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -169,7 +169,7 @@ def _rewrite(path: str, fn) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-  return testing.write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")), seed=0)
+  return tiny.write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")), seed=0)
 
 
 def test_wrong_shape_names_file_and_key(tiny_dir, tmp_path):
@@ -272,11 +272,11 @@ def test_transformers5_nested_key_layout_loads_the_same(tiny_dir, tmp_path):
 
 
 def test_resize_tied_model_then_transformers_loads_it(tmp_path):
-  cfg = testing.tiny_config(text=dict(tie_word_embeddings=True))
-  src = testing.write_tiny_checkpoint(str(tmp_path / "tied"), seed=2, config=cfg)
+  cfg = tiny.tiny_config(text=dict(tie_word_embeddings=True))
+  src = tiny.write_tiny_checkpoint(str(tmp_path / "tied"), seed=2, config=cfg)
   model = qwen2_5_vl.from_pretrained(src, dtype=jnp.float32)
   assert model.lm_head is None
-  tok = testing.build_tokenizer(seed=2)
+  tok = tiny.build_tokenizer(seed=2)
   added = tok.add_tokens(["<think>", "</think>", "<answer>", "</answer>", "normal", "abnormal"],
                          special_tokens=True)
   assert added == 6 and len(tok) <= 1088

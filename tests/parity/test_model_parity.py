@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepintuit_jax.models import testing
+from tools import hf_reference
 from deepintuit_jax.models.qwen2_5_vl import rope, vision
 from deepintuit_jax.models.qwen2_5_vl.config import (
     PRESETS, Qwen2_5_VLConfig, TextConfig, VisionConfig)
+from deepintuit_jax.core.sharding import DEFAULT_RULES
 from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
-from deepintuit_jax.sharding import DEFAULT_RULES
 
 IMG, VID, VS, VE = 90, 91, 92, 93
 
@@ -61,7 +61,7 @@ def _reference(cfg: Qwen2_5_VLConfig, seed: int = 0):
   torch = pytest.importorskip("torch")
   pytest.importorskip("transformers")
   from deepintuit_jax.models.qwen2_5_vl.hf_io import assign_hf_tensors
-  ref = testing.hf_reference(cfg, seed=seed)
+  ref = hf_reference.hf_reference(cfg, seed=seed)
   tensors = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
   ours = Qwen2_5_VL(cfg, rngs=nnx.Rngs(0))
   assign_hf_tensors(ours, tensors)

@@ -154,7 +154,7 @@ def test_splash_attention_in_interpret_mode():
 
 
 def _mesh(shape):
-  from deepintuit_jax import sharding
+  from deepintuit_jax.core import sharding
   return sharding.make_mesh(shape)
 
 
@@ -169,7 +169,7 @@ def test_splash_under_shard_map_on_a_mesh(mesh_shape, h, kh, grouped):
   contract, the gradient against XLA's attention. Without shard_map XLA would have to
   partition the kernel (on TPU: "Mosaic kernels cannot be automatically partitioned")."""
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from deepintuit_jax import sharding
+  from deepintuit_jax.core import sharding
   mesh = _mesh(mesh_shape)
   b, t = (8, 130) if grouped else (4, 130)
   q, k, v = _qkv(b, t, t, h, kh, 32, seed=7)
@@ -220,7 +220,7 @@ def test_pallas_leaves_vision_windows_to_the_exact_path():
 def test_resolve_impl_follows_the_mesh_platform():
   """"auto" asks the mesh in context, not the host: on this CPU host a CPU mesh gives
   blockwise; a TPU platform (as a topology mesh compiled ahead of time has) gives pallas."""
-  from deepintuit_jax import sharding
+  from deepintuit_jax.core import sharding
   assert sharding.mesh_platform() == "cpu"
   with jax.set_mesh(_mesh((1, -1, 1))):
     assert sharding.mesh_platform() == "cpu"

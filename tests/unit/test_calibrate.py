@@ -10,13 +10,14 @@ import optax
 import pytest
 from flax import nnx
 
-from deepintuit_jax.models import testing
+from deepintuit_jax.algorithms import calibrator as calibrate
+from deepintuit_jax.engine import optim
+from deepintuit_jax.engine import state as train_state
+from deepintuit_jax.engine.step import TrainStep
+from deepintuit_jax.models import tiny
 from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
-from deepintuit_jax.trainers import calibrate, optim
-from deepintuit_jax.trainers import state as train_state
-from deepintuit_jax.trainers.step import TrainStep
 
-CFG = testing.micro_config()
+CFG = tiny.micro_config()
 LABELS = np.array([40, 41, 42], np.int32)  # three "label tokens" of the micro vocabulary
 
 

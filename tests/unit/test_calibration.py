@@ -63,8 +63,8 @@ def test_build_examples_from_release_files(tmp_path):
     assert r.label_index == src.label_index
     assert r.prompt == e["conversations"][0]["content"][1]["text"]
   # ... and tokenises with the label as the only target (the calibrator's readout).
-  from deepintuit_jax.models import testing
-  tok = testing.build_tokenizer()
+  from deepintuit_jax.models import tiny
+  tok = tiny.build_tokenizer()
   chat.add_special_tokens(tok, list(classes))
   enc = chat.encode_example(tok, loaded[1].prompt, loaded[1].response, num_video_tokens=[4],
                             train_end_of_turn=False)

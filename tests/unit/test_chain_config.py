@@ -7,7 +7,7 @@ import os
 import pytest
 
 from configs import deepintuit
-from deepintuit_jax.trainers import chain
+from deepintuit_jax.stages import chain
 
 ALL = {"sft", "grpo", "traces", "calibrate", "infer"}
 
@@ -69,7 +69,7 @@ def test_shared_keys_reach_every_step_and_stay_locked():
 
 
 def test_a_failed_chain_keeps_its_finished_steps(tmp_path):
-  from deepintuit_jax import workdir as wd
+  from deepintuit_jax.core import workdir as wd
   fresh = str(tmp_path / "chain")
   with pytest.raises(RuntimeError):
     with wd.Guard(fresh):
@@ -83,3 +83,20 @@ def test_a_failed_chain_keeps_its_finished_steps(tmp_path):
       os.makedirs(os.path.join(other, "traces"))
       raise RuntimeError("fails before any checkpoint")
   assert not os.path.exists(other)
+
+
+def test_every_data_key_of_the_chain_reaches_the_steps_or_is_refused():
+  """A chain-level data key either reaches every step that has it or stops the chain with
+  a message; none is silently ignored (the train files are per step)."""
+  c = deepintuit.get_config()
+  c.data.max_seq_len, c.data.prefetch_steps = 4096, 0
+  steps = chain.plan(c, {s: None for s in ALL})
+  for name in steps:
+    sub = chain.step_config(c, name, steps, "/w")
+    assert (sub.data.max_seq_len, sub.data.prefetch_steps) == (4096, 0), name
+  own = {k for k in c.data.keys()} - set(chain.SHARED_DATA_KEYS)
+  assert own == {"train_file"}
+  chain.from_config(c)
+  c.data.train_file = "/d/train.json"
+  with pytest.raises(ValueError, match=r"--config.<step>.data.train_file"):
+    chain.from_config(c)

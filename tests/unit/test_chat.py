@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from deepintuit_jax.data import chat
-from deepintuit_jax.models import testing
+from deepintuit_jax.models import tiny
 
 PROMPT = "Is the red ball moving left? Output format: <think>reasoning</think><answer>label</answer>"
 RESPONSE = "<think>Step 1 summary: a red ball.\nStep 2 checks: Yes.</think>\n<answer>normal</answer>"
@@ -11,7 +11,7 @@ RESPONSE = "<think>Step 1 summary: a red ball.\nStep 2 checks: Yes.</think>\n<an
 
 @pytest.fixture(scope="module")
 def tok():
-  t = testing.build_tokenizer(seed=0)
+  t = tiny.build_tokenizer(seed=0)
   chat.add_special_tokens(t, ["normal", "abnormal"])
   return t
 
@@ -93,7 +93,7 @@ def test_custom_system(tok):
 
 
 def test_special_tokens_added_single_and_kept_on_decode():
-  t = testing.build_tokenizer(seed=0)
+  t = tiny.build_tokenizer(seed=0)
   n0 = len(t)
   added = chat.add_special_tokens(t, ["normal", "abnormal"])
   assert added == ["normal", "abnormal", *chat.TAG_TOKENS, chat.NO_POLICY_TOKEN]
@@ -110,7 +110,7 @@ def test_special_tokens_added_single_and_kept_on_decode():
   assert chat.decode_response(t, ids + end) == resp
   assert chat.decode_response(t, np.asarray(ids, np.int32)[None]) == resp
   with pytest.raises(ValueError, match="not a single token"):
-    chat.label_token_ids(testing.build_tokenizer(seed=0), ["abnormal"])
+    chat.label_token_ids(tiny.build_tokenizer(seed=0), ["abnormal"])
 
 
 def test_bad_inputs(tok):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from etils import epath
 
-from deepintuit_jax import checkpointing
-from deepintuit_jax.errors import CheckpointError, UserError
+from deepintuit_jax.core.errors import CheckpointError, UserError
+from deepintuit_jax.engine import checkpointing
 
 from tests.unit.test_checkpointing import _leaves, _state
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepintuit_jax import checkpointing
+from deepintuit_jax.algorithms import sft
+from deepintuit_jax.engine import checkpointing
+from deepintuit_jax.engine import optim
+from deepintuit_jax.engine import state as train_state
 from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
-from deepintuit_jax.trainers import optim, sft
-from deepintuit_jax.trainers import state as train_state
 
 from tests.unit.test_trainer import CFG, _batch
 
@@ -66,7 +67,7 @@ def test_round_trip_keep_and_interrupted_save(tmp_path):
 
 
 def test_restore_with_shardings(tmp_path):
-  from deepintuit_jax.sharding import make_mesh
+  from deepintuit_jax.core.sharding import make_mesh
   graphdef, state, tx, lr = _state()
   ck = checkpointing.Checkpointer(str(tmp_path / "ck"), every_steps=1)
   ck.save(state, {}, force=True)
@@ -86,7 +87,7 @@ def test_init_from_missing_checkpoint_is_clear(tmp_path):
 
 
 def test_loop_stops_on_nan_and_keeps_last_good_checkpoint(tmp_path):
-  from deepintuit_jax.trainers import loop
+  from deepintuit_jax.engine import loop
   graphdef, state, tx, lr = _state()
   step = sft.make_train_step(graphdef, tx, lr)
   rng = np.random.default_rng(5)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from deepintuit_jax import distributed
-from deepintuit_jax.errors import ConfigError
+from deepintuit_jax.core import distributed
+from deepintuit_jax.core.errors import ConfigError
 
 
 def test_explicit_coordinator_passes_count_and_index():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from deepintuit_jax.data import chat, prompts
-from deepintuit_jax.models import testing
+from deepintuit_jax.models import tiny
 from deepintuit_jax.models.qwen2_5_vl import hf_save
 
 LABELS = ["normal", "abnormal"]
@@ -19,14 +19,14 @@ RESPONSE = "<think>Step 1: a red ball moves normally.</think>\n<answer>abnormal<
 
 
 def _tokenizer(mode):
-  t = testing.build_tokenizer(seed=0)
+  t = tiny.build_tokenizer(seed=0)
   chat.add_tokens_for_mode(t, LABELS, mode)
   return t
 
 
 def test_added_tokens_encode_as_the_release_and_survive_skip_special_tokens():
   added, special, base = _tokenizer("added"), _tokenizer("special"), _tokenizer("none")
-  assert len(base) == len(testing.build_tokenizer(seed=0))
+  assert len(base) == len(tiny.build_tokenizer(seed=0))
   # Same ids, one token each: "normal" is a vocabulary token of the tiny tokenizer, the
   # other six get the next ids in order (labels, tags, <NO_POLICY>).
   n0 = len(base)
@@ -63,7 +63,7 @@ def test_added_tokens_round_trip_through_save_pretrained(tmp_path):
 
 
 def test_processor_files_carry_the_training_settings(tmp_path):
-  src = testing.write_tiny_checkpoint(str(tmp_path / "src"))
+  src = tiny.write_tiny_checkpoint(str(tmp_path / "src"))
   out = str(tmp_path / "out")
   os.makedirs(out)
   for name in hf_save.PROCESSOR_FILES:
@@ -100,9 +100,9 @@ def test_the_export_records_its_rope_rule_and_a_load_asking_another_is_refused(t
   from_pretrained reads it back; asking for another one is a one-line ConfigError naming the
   key to set (a stage would otherwise run the model under positions it was not trained
   with); a directory without a record (a stock checkpoint) takes any rule."""
-  from deepintuit_jax.errors import ConfigError
+  from deepintuit_jax.core.errors import ConfigError
   from deepintuit_jax.models import qwen2_5_vl
-  base = testing.write_tiny_checkpoint(str(tmp_path / "base"))
+  base = tiny.write_tiny_checkpoint(str(tmp_path / "base"))
   model = qwen2_5_vl.from_pretrained(base, rope_convention="transformers_5.3")
   assert model.config.rope_convention == "transformers_5.3"  # no record in the stock dir
   out = hf_save.save_pretrained(model, str(tmp_path / "hf"))

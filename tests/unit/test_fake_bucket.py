@@ -79,7 +79,7 @@ def test_plain_open_misses_the_bucket(root):
 
 
 def test_orbax_save_restore_and_steps(root):
-  """The Orbax calls deepintuit_jax.checkpointing makes: async Composite saves, `keep`
+  """The Orbax calls deepintuit_jax.engine.checkpointing makes: async Composite saves, `keep`
   deletions, the step listing and a restore, on gs://."""
   tree = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3, jnp.bfloat16)}
   options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,

@@ -11,18 +11,19 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from deepintuit_jax import sharding
+from deepintuit_jax.algorithms import sft
+from deepintuit_jax.core import sharding
+from deepintuit_jax.core.sharding import make_mesh
 from deepintuit_jax.data import batching, pipeline
 from deepintuit_jax.data.examples import PipelineOptions
-from deepintuit_jax.models import testing
+from deepintuit_jax.engine import optim
+from deepintuit_jax.engine import state as train_state
+from deepintuit_jax.models import tiny
 from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
-from deepintuit_jax.sharding import make_mesh
-from deepintuit_jax.trainers import optim, sft
-from deepintuit_jax.trainers import state as train_state
 
 # Two vision blocks (one windowed, one full attention: window layouts are per group), one
 # decoder layer: the compile-bound tests here only need the layouts and the math.
-CFG = testing.micro_config(vision_depth=2)
+CFG = tiny.micro_config(vision_depth=2)
 CFG = CFG.replace(text=dataclasses.replace(CFG.text, num_hidden_layers=1))
 OPTS = PipelineOptions(length_buckets=(32, 48, 64), max_seq_len=64,
                        patch_buckets=(32, 64, 128), max_frame_patches=64)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from deepintuit_jax.trainers.grpo import advantages
+from deepintuit_jax.algorithms.grpo import advantages
 
 
 def _groups(r, g):

@@ -11,33 +11,33 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from deepintuit_jax.algorithms.grpo import learner as learner_lib
+from deepintuit_jax.algorithms.grpo import rollout as rollout_lib
 from deepintuit_jax.data import batching
 from deepintuit_jax.data.examples import PipelineOptions
-from deepintuit_jax.models import testing
+from deepintuit_jax.engine import logprobs, optim
+from deepintuit_jax.engine import state as train_state
+from deepintuit_jax.models import tiny
 from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
 from deepintuit_jax.sampling import sampler
-from deepintuit_jax.trainers import logprobs, optim
-from deepintuit_jax.trainers import state as train_state
-from deepintuit_jax.trainers.grpo import learner as learner_lib
-from deepintuit_jax.trainers.grpo import rollout as rollout_lib
 
 # The tiny model (its tokenizer decodes the rollouts) with one decoder layer and one vision
 # block; the loss tests use the micro model (vocab 50): only shapes and math matter there.
-CFG = testing.tiny_config()
+CFG = tiny.tiny_config()
 CFG = CFG.replace(text=dataclasses.replace(CFG.text, num_hidden_layers=1),
                   vision=dataclasses.replace(CFG.vision, depth=1, fullatt_block_indexes=(0,)))
-MICRO = testing.micro_config()
+MICRO = tiny.micro_config()
 MICRO = MICRO.replace(text=dataclasses.replace(MICRO.text, num_hidden_layers=1))
 OPTS = PipelineOptions(length_buckets=(96,), max_seq_len=96, patch_buckets=(64, 256),
                        max_frame_patches=16)
-PAD = testing.TOKEN_IDS["<|endoftext|>"]
+PAD = tiny.TOKEN_IDS["<|endoftext|>"]
 PATCH_DIM = CFG.vision.patch_dim
 assert MICRO.vision.patch_dim == PATCH_DIM
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  return testing.build_tokenizer()
+  return tiny.build_tokenizer()
 
 
 def _prompt(rng, i, cfg):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepintuit_jax.trainers.grpo import loss
+from deepintuit_jax.algorithms.grpo import loss
 
 MODES = loss.AGG_MODES
 

@@ -11,21 +11,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepintuit_jax import sharding
+from deepintuit_jax.algorithms.grpo import collective
+from deepintuit_jax.algorithms.grpo import rollout as rollout_lib
+from deepintuit_jax.core import sharding
 from deepintuit_jax.data import batching
 from deepintuit_jax.data.examples import PipelineOptions
-from deepintuit_jax.models import testing
+from deepintuit_jax.models import tiny
 from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
 from deepintuit_jax.sampling import sampler
-from deepintuit_jax.trainers.grpo import collective
-from deepintuit_jax.trainers.grpo import rollout as rollout_lib
 
-CFG = testing.tiny_config()
+CFG = tiny.tiny_config()
 CFG = CFG.replace(text=dataclasses.replace(CFG.text, num_hidden_layers=1),
                   vision=dataclasses.replace(CFG.vision, depth=1, fullatt_block_indexes=(0,)))
 OPTS = PipelineOptions(length_buckets=(32,), max_seq_len=32, patch_buckets=(64, 128),
                        max_frame_patches=16)
-PAD = testing.TOKEN_IDS["<|endoftext|>"]
+PAD = tiny.TOKEN_IDS["<|endoftext|>"]
 
 
 def two_processes(per_process: list[np.ndarray]):

@@ -19,10 +19,10 @@ import numpy as np
 import optax
 import pytest
 
-from deepintuit_jax.trainers import logprobs
-from deepintuit_jax.trainers.grpo import learner as learner_lib
-from deepintuit_jax.trainers.grpo import rewards as rewards_lib
-from deepintuit_jax.trainers.state import trainable_model
+from deepintuit_jax.algorithms.grpo import learner as learner_lib
+from deepintuit_jax.algorithms.grpo import rewards as rewards_lib
+from deepintuit_jax.engine import logprobs
+from deepintuit_jax.engine.state import trainable_model
 from tests.unit.test_grpo_learner import CFG, OPTS, PAD, _prompt_batch, _setup, tokenizer  # noqa: F401
 
 pytestmark = pytest.mark.slow

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from configs import grpo as grpo_config
-from deepintuit_jax.trainers import grpo_stage
-from deepintuit_jax.trainers.grpo import rewards
+from deepintuit_jax.algorithms.grpo import rewards
+from deepintuit_jax.stages import grpo as grpo_stage
 
 
 def _config(**grpo):
@@ -20,7 +20,7 @@ def test_a_reward_file_registers_a_reward_the_config_can_name(tmp_path):
   path = tmp_path / "my_reward.py"
   path.write_text(
       "import numpy as np\n"
-      "from deepintuit_jax.trainers.grpo import rewards\n"
+      "from deepintuit_jax.algorithms.grpo import rewards\n"
       "@rewards.register('tmp_long_answer')\n"
       "def long_answer(responses, examples):\n"
       "  return np.array([float(len(r) > 3) for r in responses], np.float32)\n")

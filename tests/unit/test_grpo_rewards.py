@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from deepintuit_jax.trainers.grpo import rewards
+from deepintuit_jax.algorithms.grpo import rewards
 
 GOOD = "<think>The ball moves left.</think><answer>normal</answer>"
 

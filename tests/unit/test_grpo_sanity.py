@@ -25,19 +25,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from deepintuit_jax.algorithms.grpo import advantages as advantages_lib
+from deepintuit_jax.algorithms.grpo import learner as learner_lib
 from deepintuit_jax.data import batching
 from deepintuit_jax.data.examples import PipelineOptions
-from deepintuit_jax.models import testing
+from deepintuit_jax.engine import optim
+from deepintuit_jax.engine import state as train_state
+from deepintuit_jax.models import tiny
 from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
-from deepintuit_jax.trainers import optim
-from deepintuit_jax.trainers import state as train_state
-from deepintuit_jax.trainers.grpo import advantages as advantages_lib
-from deepintuit_jax.trainers.grpo import learner as learner_lib
 
-CFG = testing.micro_config()  # vocab 50: each target token is sampled often enough to learn
+CFG = tiny.micro_config()  # vocab 50: each target token is sampled often enough to learn
 OPTS = PipelineOptions(length_buckets=(32,), max_seq_len=32, patch_buckets=(256,),
                        max_frame_patches=16)
-PAD = testing.TOKEN_IDS["<|endoftext|>"]
+PAD = tiny.TOKEN_IDS["<|endoftext|>"]
 PROMPTS, G, ITERATIONS = 4, 8, 24
 TARGET = np.arange(CFG.text.vocab_size) % 10 == 3  # a fixed tenth of the vocabulary
 
@@ -88,7 +88,7 @@ def runs():
                                mini_batch_prompts=PROMPTS, max_response_tokens=3,
                                temperature=1.0, logp_chunk=0)
   learner = _Learner(graphdef, tx, optim.schedule(ocfg, ITERATIONS), cfg=cfg,
-                     tokenizer=testing.build_tokenizer(), options=OPTS, model_config=CFG,
+                     tokenizer=tiny.build_tokenizer(), options=OPTS, model_config=CFG,
                      pad_id=PAD)
   compute = advantages_lib.compute
   out = {}

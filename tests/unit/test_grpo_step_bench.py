@@ -11,7 +11,7 @@ import pytest
 from tests.scripts import load_script
 
 from deepintuit_jax.data import prompts
-from deepintuit_jax.models import testing
+from deepintuit_jax.models import tiny
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_side_by_side_table(grpo_step):
 @pytest.mark.slow
 def test_export_workload_runs_and_writes_the_peer_workload(grpo_step, tmp_path, monkeypatch):
   monkeypatch.setenv("DEEPINTUIT_CACHE", str(tmp_path / "cache"))
-  ckpt = testing.write_tiny_checkpoint(str(tmp_path / "hf"), seed=0)
+  ckpt = tiny.write_tiny_checkpoint(str(tmp_path / "hf"), seed=0)
   peer = tmp_path / "peer"
   out = grpo_step.main([f"--checkpoint={ckpt}", "--synthetic=4", "--prompts=2", "--group=2",
                         "--mini=1", "--new=4", "--iters=1", "--dtype=float32",
@@ -75,5 +75,5 @@ def test_export_workload_runs_and_writes_the_peer_workload(grpo_step, tmp_path, 
     image = cv2.imread(str(peer / q["image"]))
     # One image of the video's patches: grid (1, h, t*w), the same vision tokens.
     assert image.shape == (h * 14, t * wd * 14, 3) == (*q["image_hw"], 3)
-    assert q["prompt_ids"].count(testing.TOKEN_IDS["<|video_pad|>"]) == t * h * wd // 4
+    assert q["prompt_ids"].count(tiny.TOKEN_IDS["<|video_pad|>"]) == t * h * wd // 4
     assert q["label"] and "<answer>" in q["text"]

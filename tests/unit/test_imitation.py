@@ -1,4 +1,4 @@
-"""The imitation stage's own parts (trainers/imitation.py): loader batch -> classifier batch
+"""The imitation stage's own parts (algorithms/imitation.py, stages/imitation.py): loader batch -> classifier batch
 (labels to indices, one video per row, groups), the cross-entropy loss against a NumPy
 transcription, grouping invariance, and one placed step on an 8-device mesh."""
 from __future__ import annotations
@@ -9,14 +9,16 @@ import optax
 import pytest
 from flax import nnx
 
-from deepintuit_jax import sharding
+from deepintuit_jax.algorithms import imitation
+from deepintuit_jax.core import sharding
+from deepintuit_jax.engine import optim
+from deepintuit_jax.engine.state import init_state
+from deepintuit_jax.engine.step import TrainStep
 from deepintuit_jax.models import video_classifier as vc
 from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions
 from deepintuit_jax.models.qwen2_5_vl.vision import vision_layout
-from deepintuit_jax.models.testing import micro_config
-from deepintuit_jax.trainers import imitation, optim
-from deepintuit_jax.trainers.state import init_state
-from deepintuit_jax.trainers.step import TrainStep
+from deepintuit_jax.models.tiny import micro_config
+from deepintuit_jax.stages import imitation as imitation_stage
 
 CLASSES = ["left", "right", "up"]
 VCFG = micro_config().vision
@@ -123,15 +125,16 @@ def test_build_classifier_keeps_or_replaces_the_base_tower():
   want = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(base.visual, nnx.Param))}
   mesh = sharding.make_mesh((-1, 1, 1))
   kw = dict(seed=1, mesh=mesh)
-  spec = lambda init: imitation.ImitationSpec(init=init, head_width=16, head_depth=1,
-                                              head_heads=2, head_mlp_ratio=2, pos_frequencies=2)
-  pre = imitation.build_classifier(base, spec("pretrained"), 3, **kw)
+  head = vc.HeadConfig(num_classes=3, width=16, depth=1, num_heads=2, mlp_ratio=2,
+                       pos_frequencies=2)
+  pre = imitation.build_classifier(base, "pretrained", head, **kw)
   got = dict(nnx.to_flat_state(nnx.state(pre.visual, nnx.Param)))
   for k, v in want.items():
     np.testing.assert_array_equal(np.asarray(got[k]), v)
-  scratch = imitation.build_classifier(base, spec("scratch"), 3, **kw)
+  scratch = imitation.build_classifier(base, "scratch", head, **kw)
   kernel = ("patch_embed", "proj", "kernel")
   assert not np.allclose(np.asarray(dict(nnx.to_flat_state(nnx.state(
       scratch.visual, nnx.Param)))[kernel]), want[kernel])
   with pytest.raises(ValueError, match="imitation.init"):
-    spec("random")
+    imitation_stage.ImitationSpec(init="random", head_width=16, head_depth=1, head_heads=2,
+                                  head_mlp_ratio=2, pos_frequencies=2)

@@ -1,4 +1,4 @@
-"""One run per workdir (deepintuit_jax.lease): a live holder refuses a second run naming it,
+"""One run per workdir (deepintuit_jax.core.lease): a live holder refuses a second run naming it,
 a dead one (its pid gone, or its heartbeat expired) is taken over with a note, the heartbeat
 renews, release leaves nothing, other processes do nothing, and the bucket (best-effort)
 path behaves the same."""
@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from deepintuit_jax import lease as lease_lib, paths
-from deepintuit_jax.errors import UserError, WorkdirBusy
+from deepintuit_jax.core import lease as lease_lib, paths
+from deepintuit_jax.core.errors import UserError, WorkdirBusy
 
 
 def _write_holder(workdir, **fields):

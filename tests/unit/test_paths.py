@@ -1,4 +1,4 @@
-"""deepintuit_jax.paths on local directories (the code path gs:// URLs take through epath;
+"""deepintuit_jax.core.paths on local directories (the code path gs:// URLs take through epath;
 no network): writes, appends, staging and removal."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import pytest
 from etils import epath
 
-from deepintuit_jax import paths
+from deepintuit_jax.core import paths
 
 
 def test_remote_and_local_paths():
@@ -70,7 +70,7 @@ def test_metrics_writer_on_a_bucket_path(tmp_path, monkeypatch):
   rows past the restored step through the same helpers."""
   import json
 
-  from deepintuit_jax.trainers import loop
+  from deepintuit_jax.engine import loop
   bucket = str(tmp_path / "bucket")
   monkeypatch.setattr(paths, "is_remote", lambda p: os.fspath(p).startswith(bucket))
   w = loop.MetricsWriter(os.path.join(bucket, "run"))

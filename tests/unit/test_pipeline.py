@@ -13,7 +13,7 @@ from deepintuit_jax.data import chat, errors
 from deepintuit_jax.data.annotations import Record
 from deepintuit_jax.data.errors import BadSample, SkipLedger
 from deepintuit_jax.data.pipeline import PipelineOptions, make_eval_batches, make_train_loader
-from deepintuit_jax.models import testing
+from deepintuit_jax.models import tiny
 from deepintuit_jax.models.qwen2_5_vl import rope
 from deepintuit_jax.models.qwen2_5_vl.vision_layout import vision_layout
 
@@ -52,9 +52,9 @@ def env(tmp_path_factory):
     recs.append(Record(item_id=f"item{i}", video=f"v{i}.mp4", prompt=f"Where does it go? {i}",
                        response=f"<think>it moves {label}</think><answer>{label}</answer>",
                        label=label, label_index=i % 2, extra={}, source=f"test:#{i}"))
-  tok = testing.build_tokenizer(seed=0)
+  tok = tiny.build_tokenizer(seed=0)
   chat.add_special_tokens(tok, LABELS)
-  return dict(root=root, records=recs, tok=tok, cfg=testing.tiny_config())
+  return dict(root=root, records=recs, tok=tok, cfg=tiny.tiny_config())
 
 
 def _opts(env, **kw):
@@ -357,11 +357,11 @@ def test_synthetic_benchmark_end_to_end(tmp_path):
                              max_frames=6)
   classes = annotations.load_class_file(paths["classes"])
   recs = annotations.load_records(paths["train"], labels=list(classes))
-  tok = testing.build_tokenizer(seed=0)
+  tok = tiny.build_tokenizer(seed=0)
   chat.add_special_tokens(tok, list(classes))
   opts = PipelineOptions(video_root=str(tmp_path), min_pixels=28 * 28, max_pixels=56 * 56,
                          max_seq_len=4096, labels=tuple(classes), shuffle=False)
-  with make_train_loader(recs, tokenizer=tok, model_config=testing.tiny_config(),
+  with make_train_loader(recs, tokenizer=tok, model_config=tiny.tiny_config(),
                          options=opts, batch_size=4, num_epochs=1, process_index=0,
                          process_count=1) as loader:
     (b,) = list(loader)
@@ -379,8 +379,8 @@ def test_a_dying_data_worker_stops_with_one_line_and_the_state_still_resumes(
   raises one line naming the worker (and, for a MemoryError, the item) instead of hanging
   (the autouse 60 s alarm), and the state taken before still resumes the same batches (the
   order does not depend on the workers: the reference reads in-process, as it is faster)."""
+  from deepintuit_jax.core.errors import DataWorkerError
   from deepintuit_jax.data import pipeline
-  from deepintuit_jax.errors import DataWorkerError
   from tests.unit.faulty_builder import FaultyBuilder
   kw = dict(batch_size=3, num_workers=workers, seed=7)
   ref = _loader(env, **{**kw, "num_workers": 0})

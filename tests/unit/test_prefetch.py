@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from deepintuit_jax.trainers import loop
+from deepintuit_jax.engine import loop
 
 
 def _items(n, fail_at=None, log=None):

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from deepintuit_jax.data import pretrain_corpus as C
 from deepintuit_jax.data import synthetic as S
+from tools import tiny_base_corpus as C
 
 ALL_COLOURS = {**S.COLOURS, **C.COLOURS}
 

@@ -1,4 +1,4 @@
-"""Recipes live in the config files (deepintuit_jax/recipes.py): each stage config's fields hold
+"""Recipes live in the config files (deepintuit_jax/core/recipes.py): each stage config's fields hold
 the tiny recipe, `:real` and a real checkpoint give the release's, a key set on the command
 line keeps its value. The expected numbers are written out here from the two recipes as the
 stage modules held them before they moved (and from ../shared/RECIPE.md for the release), so
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from configs import calibrate, deepintuit, grpo, imitation, infer, sft, traces
-from deepintuit_jax import recipes
+from deepintuit_jax.core import recipes
 
 P_TINY, P_REAL = 64 * 28 * 28, 200704
 # stage config -> {key: (tiny, release)}

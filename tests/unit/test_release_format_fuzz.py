@@ -18,12 +18,12 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from tests.deadline import deadline
+from deepintuit_jax.core.errors import UserError
 from deepintuit_jax.data import annotations, chat
 from deepintuit_jax.data.errors import BadSample, SkipLedger
 from deepintuit_jax.data.examples import marker_error
 from deepintuit_jax.data.pipeline import PipelineOptions, _builder
-from deepintuit_jax.errors import UserError
-from deepintuit_jax.models import testing
+from deepintuit_jax.models import tiny
 
 LABELS = ("left", "right")
 BASE = {"item_id": "clip", "policy_title": "left", "anno_label": 0, "conversations": [
@@ -151,9 +151,9 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def builders(media):
-  tok = testing.build_tokenizer(seed=0)
+  tok = tiny.build_tokenizer(seed=0)
   chat.add_special_tokens(tok, LABELS)
-  cfg = testing.tiny_config()
+  cfg = tiny.tiny_config()
   opts = {mode: PipelineOptions(video_root=media, min_pixels=28 * 28, max_pixels=56 * 56,
                                 max_frames=4, min_frames=2, max_seq_len=256,
                                 length_buckets=(64, 128, 256), patch_buckets=(32, 64, 128, 256),

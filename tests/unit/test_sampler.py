@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepintuit_jax.models import testing
+from deepintuit_jax.models import tiny
 from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
 from deepintuit_jax.sampling.sampler import choose_tokens, generate, sample, top_p_filter
 
-CFG = testing.micro_config()
+CFG = tiny.micro_config()
 N = 6
 
 

@@ -8,11 +8,11 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from deepintuit_jax import sharding
-from deepintuit_jax.models import qwen2_5_vl, testing
+from deepintuit_jax.core import sharding
+from deepintuit_jax.models import qwen2_5_vl, tiny
 from deepintuit_jax.models.qwen2_5_vl import hf_io, rope, vision
 
-IMG, VID, VS, VE = (testing.TOKEN_IDS[t] for t in (
+IMG, VID, VS, VE = (tiny.TOKEN_IDS[t] for t in (
     "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
 
 
@@ -45,7 +45,7 @@ def _expected_spec(path) -> P:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-  return testing.write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")), seed=5)
+  return tiny.write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")), seed=5)
 
 
 def test_logical_to_spec_rules():

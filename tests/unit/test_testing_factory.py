@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from deepintuit_jax.models import testing
+from deepintuit_jax.models import tiny
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -16,12 +16,12 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  return testing.build_tokenizer(seed=0)
+  return tiny.build_tokenizer(seed=0)
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-  return testing.write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "ckpt"), seed=0)
+  return tiny.write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "ckpt"), seed=0)
 
 
 def test_tokenizer_special_tokens_and_ids(tokenizer):
@@ -61,22 +61,22 @@ def test_chat_template_renders_qwen_layout(tokenizer):
 
 
 def test_tiny_config_matches_tokenizer_and_overrides():
-  cfg = testing.tiny_config()
+  cfg = tiny.tiny_config()
   assert (cfg.image_token_id, cfg.video_token_id) == (6, 7)
   assert (cfg.vision_start_token_id, cfg.vision_end_token_id) == (3, 4)
   assert (cfg.bos_token_id, cfg.eos_token_id) == (0, 2)
-  assert cfg.text.vocab_size % 64 == 0 and cfg.text.vocab_size > testing.TOKENIZER_VOCAB
+  assert cfg.text.vocab_size % 64 == 0 and cfg.text.vocab_size > tiny.TOKENIZER_VOCAB
   assert 2 * sum(cfg.text.mrope_section) == cfg.text.head_dim
-  big = testing.tiny_config(text=dict(hidden_size=128, num_attention_heads=4),
+  big = tiny.tiny_config(text=dict(hidden_size=128, num_attention_heads=4),
                             vision=dict(depth=3), eos_token_id=0)
   assert big.vision.out_hidden_size == 128 and big.text.mrope_section == (4, 6, 6)
   assert big.vision.depth == 3 and big.eos_token_id == 0
   with pytest.raises(TypeError, match="hidden_size"):
-    testing.tiny_config(hidden_size=8)
+    tiny.tiny_config(hidden_size=8)
 
 
 def test_checkpoint_is_deterministic_and_complete(ckpt, tmp_path):
-  again = testing.write_tiny_checkpoint(str(tmp_path / "again"), seed=0)
+  again = tiny.write_tiny_checkpoint(str(tmp_path / "again"), seed=0)
   names = sorted(os.listdir(ckpt))
   for f in ["config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "tokenizer_config.json", "preprocessor_config.json",
@@ -85,7 +85,7 @@ def test_checkpoint_is_deterministic_and_complete(ckpt, tmp_path):
   assert sorted(os.listdir(again)) == names
   for f in names:
     assert filecmp.cmp(os.path.join(ckpt, f), os.path.join(again, f), shallow=False), f
-  other = testing.write_tiny_checkpoint(str(tmp_path / "other"), seed=1)
+  other = tiny.write_tiny_checkpoint(str(tmp_path / "other"), seed=1)
   assert not filecmp.cmp(os.path.join(ckpt, "model.safetensors"),
                          os.path.join(other, "model.safetensors"), shallow=False)
   with open(os.path.join(ckpt, "preprocessor_config.json")) as f:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepintuit_jax import sharding
+from deepintuit_jax.core import sharding
 from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions, TextConfig
 from deepintuit_jax.models.qwen2_5_vl.text import KVCache, TextModel
 

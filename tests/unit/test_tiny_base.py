@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from deepintuit_jax.models import testing, tiny_base
+from deepintuit_jax.models import tiny, tiny_base
 from tests.scripts import load_script  # noqa: E402
 
 
@@ -24,9 +24,9 @@ def test_base_config_rotates_height_and_width():
   inv = c.rope_theta ** (-np.arange(half) / half)
   t, h, _ = c.mrope_section
   assert inv[t] > 0.5 and inv[t + h] > 0.2   # radians per merged-token step, h and w
-  tiny = testing.tiny_config().text          # the unit/parity tests' config is unchanged
-  inv = tiny.rope_theta ** (-np.arange(tiny.head_dim // 2) / (tiny.head_dim // 2))
-  assert inv[sum(tiny.mrope_section[:2])] < 1e-3
+  small = tiny.tiny_config().text          # the unit/parity tests' config is unchanged
+  inv = small.rope_theta ** (-np.arange(small.head_dim // 2) / (small.head_dim // 2))
+  assert inv[sum(small.mrope_section[:2])] < 1e-3
 
 
 @pytest.mark.slow  # ~30-80 s on 2 shared cores: compiles a train step and a forward
@@ -36,7 +36,7 @@ def test_builder_reduced_budget_writes_a_loadable_base(tmp_path):
   b = _builder()
   out = str(tmp_path / "base")
   info = b.build(out, seed=1, num_clips=8, num_heldout=2, steps=2, batch=2,
-                 corpus_dir=str(tmp_path / "corpus"), config=testing.tiny_config(),
+                 corpus_dir=str(tmp_path / "corpus"), config=tiny.tiny_config(),
                  tower_steps=2, tower_batch=2, tower_clips=4)
   assert np.isfinite(info["final_loss"]) and info["steps"] == 2
   # stage 1 (the tower on its dense targets) ran on 4 clips and was measured on 2 held out
@@ -48,9 +48,9 @@ def test_builder_reduced_budget_writes_a_loadable_base(tmp_path):
   assert info["vision_tokens"]["token_std"] > 0
   assert tiny_base.is_complete(out)
   model = qwen2_5_vl.from_pretrained(out)
-  assert model.config.text.hidden_size == testing.tiny_config().text.hidden_size
+  assert model.config.text.hidden_size == tiny.tiny_config().text.hidden_size
   tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
-  assert tok.convert_tokens_to_ids("<|video_pad|>") == testing.TOKEN_IDS["<|video_pad|>"]
+  assert tok.convert_tokens_to_ids("<|video_pad|>") == tiny.TOKEN_IDS["<|video_pad|>"]
 
 
 def test_checkpoint_dir_copies_once_and_loads(tmp_path):

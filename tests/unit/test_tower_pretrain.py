@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepintuit_jax.trainers import tower_pretrain as tp
+from tools import tiny_base_tower as tp
 
 
 def _meta(**kw):

@@ -9,12 +9,13 @@ import optax
 import pytest
 from flax import nnx
 
-from deepintuit_jax.models import testing
+from deepintuit_jax.algorithms import sft
+from deepintuit_jax.engine import optim
+from deepintuit_jax.engine import state as train_state
+from deepintuit_jax.models import tiny
 from deepintuit_jax.models.qwen2_5_vl.model import Qwen2_5_VL
-from deepintuit_jax.trainers import optim, sft
-from deepintuit_jax.trainers import state as train_state
 
-CFG = testing.micro_config()
+CFG = tiny.micro_config()
 
 
 def _batch(rng, b, t, n_real):
@@ -127,7 +128,7 @@ def test_nan_loss_leaves_state_unchanged_and_reports_not_ok():
 
 
 def test_sharded_step_runs_on_mesh():
-  from deepintuit_jax.sharding import make_mesh
+  from deepintuit_jax.core.sharding import make_mesh
   mesh = make_mesh((2, 2, 2))
   graphdef, state, tx, lr = _setup()
   shard = train_state.state_shardings(state, mesh)

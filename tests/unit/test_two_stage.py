@@ -13,7 +13,7 @@ import pytest
 
 from deepintuit_jax.data import annotations, pipeline, synthetic, traces
 from deepintuit_jax.evals import generation, two_stage
-from deepintuit_jax.models import testing
+from deepintuit_jax.models import tiny
 
 OPTS = pipeline.PipelineOptions(max_frames=4, max_pixels=12544, shuffle=False)
 
@@ -23,7 +23,7 @@ def world(tmp_path_factory):
   root = tmp_path_factory.mktemp("two_stage")
   paths = synthetic.generate(root / "data", seed=3, num_train=5, num_test=1, min_frames=4,
                              max_frames=4)
-  ckpt = testing.write_tiny_checkpoint(str(root / "tiny"), seed=0)
+  ckpt = tiny.write_tiny_checkpoint(str(root / "tiny"), seed=0)
   defs = annotations.load_class_file(paths["classes"])
   records = annotations.load_records(paths["train"])
   model, tok = two_stage.load_model(ckpt, list(defs), dtype=jnp.float32)

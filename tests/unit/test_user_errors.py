@@ -10,10 +10,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from deepintuit_jax import errors, preflight
+from deepintuit_jax.core import errors
 from deepintuit_jax.data import annotations
 from deepintuit_jax.models import safetensors_io
 from deepintuit_jax.models.qwen2_5_vl import hf_load
+from deepintuit_jax.stages import preflight
 
 
 def _touch(d, *names):

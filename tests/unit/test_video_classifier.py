@@ -17,7 +17,7 @@ from deepintuit_jax.data.video_preprocess import preprocess_video
 from deepintuit_jax.models import video_classifier as vc
 from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions
 from deepintuit_jax.models.qwen2_5_vl.vision import vision_layout
-from deepintuit_jax.models.testing import micro_config
+from deepintuit_jax.models.tiny import micro_config
 
 F32 = RuntimeOptions()  # float32 compute and storage
 # Jitted calls (eager op-by-op dispatch of the tower is slow).

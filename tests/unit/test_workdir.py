@@ -9,8 +9,8 @@ import signal
 import numpy as np
 import pytest
 
-from deepintuit_jax import interrupts, workdir as wd
-from deepintuit_jax.errors import WorkdirConflict
+from deepintuit_jax.core import interrupts, workdir as wd
+from deepintuit_jax.core.errors import WorkdirConflict
 
 CONFIG = {"seed": 42, "stage": "sft", "mesh": {"shape": (-1, 1, 1)},
           "train": {"learning_rate": -1.0, "log_every": 1, "num_steps": 5},
@@ -168,7 +168,7 @@ class _State:
 
 
 def test_ctrl_c_in_train_loop_checkpoints_the_last_step(tmp_path):
-  from deepintuit_jax.trainers import loop
+  from deepintuit_jax.engine import loop
 
   def step_fn(state, micro):
     if int(state.step) == 2:  # Ctrl-C while step 3 runs

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from deepintuit_jax import sharding as sharding_lib
+from deepintuit_jax.core import sharding as sharding_lib
 
 IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "pallas")
 # Segment ids of the padding that blockwise / splash add to reach a block multiple: query

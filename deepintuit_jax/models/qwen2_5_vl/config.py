@@ -14,7 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from deepintuit_jax.errors import ConfigError
+from deepintuit_jax.core.errors import ConfigError
 from deepintuit_jax.models.qwen2_5_vl.attention import check_impl
 from deepintuit_jax.models.qwen2_5_vl.rope import CONVENTIONS as ROPE_CONVENTIONS
 

@@ -144,14 +144,3 @@ def hf_param_shapes(config) -> dict[str, tuple[int, ...]]:
                                           config.vision)
           for path, var in param_items(abstract_model(config))}
 
-
-def __getattr__(name: str):
-  """hf_io.from_pretrained / save_pretrained live in hf_load / hf_save (imported lazily:
-  they import this module)."""
-  if name == "from_pretrained":
-    from deepintuit_jax.models.qwen2_5_vl.hf_load import from_pretrained
-    return from_pretrained
-  if name == "save_pretrained":
-    from deepintuit_jax.models.qwen2_5_vl.hf_save import save_pretrained
-    return save_pretrained
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from deepintuit_jax import sharding as sharding_lib
-from deepintuit_jax.errors import InputError, InputNotFound, UserError
+from deepintuit_jax.core import sharding as sharding_lib
+from deepintuit_jax.core.errors import InputError, InputNotFound, UserError
 from deepintuit_jax.models import safetensors_io
 from deepintuit_jax.models.qwen2_5_vl import hf_io
 from deepintuit_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, RuntimeOptions

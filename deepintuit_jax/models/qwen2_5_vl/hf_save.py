@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from deepintuit_jax import paths
+from deepintuit_jax.core import paths
 from deepintuit_jax.models import safetensors_io
 from deepintuit_jax.models.qwen2_5_vl import hf_io
 from deepintuit_jax.models.qwen2_5_vl.hf_load import INDEX, SINGLE

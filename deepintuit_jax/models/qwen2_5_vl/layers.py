@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepintuit_jax import sharding as sharding_lib
+from deepintuit_jax.core import sharding as sharding_lib
 
 # HF's `initializer_range` for Qwen2.5-VL; only matters for models built from scratch.
 INIT_STD = 0.02

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepintuit_jax import sharding as sharding_lib
+from deepintuit_jax.core import sharding as sharding_lib
 from deepintuit_jax.models.qwen2_5_vl import rope as rope_lib
 from deepintuit_jax.models.qwen2_5_vl import vision as vision_lib
 from deepintuit_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig, RuntimeOptions

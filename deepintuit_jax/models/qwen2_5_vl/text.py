@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepintuit_jax import sharding as sharding_lib
+from deepintuit_jax.core import sharding as sharding_lib
 from deepintuit_jax.models.qwen2_5_vl import attention as attn_lib
 from deepintuit_jax.models.qwen2_5_vl.config import RuntimeOptions, TextConfig
 from deepintuit_jax.models.qwen2_5_vl.layers import (Embed, Linear, RMSNorm, maybe_remat,
