@@ -39,7 +39,7 @@ RELEASE = {"train.learning_rate": 1e-6, "train.warmup_steps": 10, "train.epochs"
 #   a reward of one fixed answer climbs 0.21 -> 0.65 (first / last quarter) in 40 steps, while
 #   held-out accuracy stays within the seed spread of SFT's (README table); with the whole
 #   model trained at lr 1e-4 the text degenerated (format 0.88 -> 0.75, held-out close 0.92 ->
-#   0.74), and the former lr 1e-5, 4 x G 4, 16 steps moved nothing measurable.
+#   0.74), and lr 1e-5 with 4 x G 4 for 16 steps moved nothing measurable.
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -21,8 +21,8 @@ SMALL = ["--config.data.max_frames=4", "--config.data.max_pixels=12544",
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, xla_cache):
-  return main_env(tmp_path_factory.mktemp("calibrate_main"), xla_cache)
+def env(xla_cache):
+  return main_env(xla_cache)
 
 
 def _cmd(config, workdir, *extra):

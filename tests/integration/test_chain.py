@@ -35,8 +35,8 @@ LATER = ("traces", "calibrate", "calibrate_hidden")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, xla_cache):
-  return main_env(tmp_path_factory.mktemp("chain"), xla_cache)
+def env(xla_cache):
+  return main_env(xla_cache)
 
 
 def _run(env, workdir, kill_after: str | None = None, *, bucket: str | None = None,

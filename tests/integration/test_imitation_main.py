@@ -23,8 +23,8 @@ SMALL = ["--config.train.batch_size=2", "--config.data.max_frames=4",
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, xla_cache):
-  return main_env(tmp_path_factory.mktemp("imitation_main"), xla_cache)
+def env(xla_cache):
+  return main_env(xla_cache)
 
 
 def _cmd(workdir, arg="pulse", *extra):

@@ -1,6 +1,6 @@
-"""Two processes on localhost (CPU, 4 devices each, gloo collectives) run the SFT pulse
+"""Two processes on localhost (CPU, 2 devices each, gloo collectives) run the SFT pulse
 through `python -m deepintuit_jax.main` with an explicit coordinator: the same per-step
-losses as one process with 8 devices (the same global batches), one checkpoint set, an eval
+losses as one process with 4 devices (the same global batches), one checkpoint set, an eval
 over every item of each split, and a rerun that finds the run finished. Then the same for
 the GRPO pulse, started from the 1-process SFT run's checkpoint: each process rolls out
 its own prompts, and the rewards, response lengths and losses equal the 1-process run's."""
@@ -18,9 +18,9 @@ import pytest
 from tests.integration.main_env import main_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# The pulse at tiny sizes: a global batch of 8 (one row per device), 3 eval items per split
+# The pulse at tiny sizes: a global batch of 4 (one row per device), 3 eval items per split
 # (odd, so a per-process shard of them could not reach n = 3).
-ARGS = ["--config=configs/sft.py:pulse", "--config.train.batch_size=8",
+ARGS = ["--config=configs/sft.py:pulse", "--config.train.batch_size=4",
         "--config.data.max_frames=4", "--config.data.max_pixels=12544",
         "--config.eval.batch_size=4", "--config.data.synthetic_test=3",
         "--config.checkpoint.export=False"]
@@ -30,8 +30,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, xla_cache):
-  return main_env(tmp_path_factory.mktemp("multiprocess"), xla_cache)
+def env(xla_cache):
+  return main_env(xla_cache)
 
 
 def _devices(env: dict, n: int) -> dict:
@@ -45,13 +45,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-# The GRPO pulse: 8 prompts x G = 2 per rollout (one prompt per device), 2 optimizer steps
-# per rollout (mini-batches of 4 prompts), 2 rollouts; responses of up to 8 tokens. The
+# The GRPO pulse: 4 prompts x G = 2 per rollout (one prompt per device), 2 optimizer steps
+# per rollout (mini-batches of 2 prompts), 2 rollouts; responses of up to 8 tokens. The
 # little-trained tiny model earns no reward (zero advantages): the entropy bonus gives the
 # update a gradient, so the second rollout tests the updated parameters too.
 GRPO_ARGS = ["--config=configs/grpo.py:pulse", "--config.train.num_steps=4",
-             "--config.grpo.group_size=2", "--config.grpo.prompts_per_rollout=8",
-             "--config.grpo.mini_batch_prompts=4", "--config.grpo.max_response_tokens=8",
+             "--config.grpo.group_size=2", "--config.grpo.prompts_per_rollout=4",
+             "--config.grpo.mini_batch_prompts=2", "--config.grpo.max_response_tokens=8",
              "--config.grpo.entropy_coef=0.01",
              "--config.data.max_frames=4", "--config.data.max_pixels=12544",
              "--config.eval.batch_size=4", "--config.data.synthetic_test=3",
@@ -68,17 +68,17 @@ def _check(p, out: str, err: str, what: str) -> None:
 
 
 def run_one(env, workdir: str, args=ARGS) -> str:
-  p = subprocess.run(_cmd(workdir, args), cwd=REPO, env=_devices(env, 8), capture_output=True,
+  p = subprocess.run(_cmd(workdir, args), cwd=REPO, env=_devices(env, 4), capture_output=True,
                      text=True, timeout=TIMEOUT)
   _check(p, p.stdout, p.stderr, "1-process run")
   return p.stdout
 
 
 def run_two(env, workdir: str, args=ARGS) -> list[str]:
-  """Both processes of a 2-process run (4 CPU devices each); returns their stdouts."""
+  """Both processes of a 2-process run (2 CPU devices each); returns their stdouts."""
   port, procs = _free_port(), []
   for i in range(2):
-    e = dict(_devices(env, 4), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+    e = dict(_devices(env, 2), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
              JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
     procs.append(subprocess.Popen(_cmd(workdir, args), cwd=REPO, env=e, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))

@@ -24,8 +24,8 @@ ARGS = ["--config=configs/sft.py:pulse", "--config.train.batch_size=2",
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, xla_cache):
-  return main_env(tmp_path_factory.mktemp("reliability"), xla_cache)
+def env(xla_cache):
+  return main_env(xla_cache)
 
 
 def _cmd(workdir):

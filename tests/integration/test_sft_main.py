@@ -23,8 +23,8 @@ SMALL = ["--config.train.batch_size=2", "--config.data.max_frames=4",
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, xla_cache):
-  return main_env(tmp_path_factory.mktemp("sft_main"), xla_cache)
+def env(xla_cache):
+  return main_env(xla_cache)
 
 
 def _cmd(workdir, *extra):
@@ -109,8 +109,9 @@ def test_exact_resume_after_sigkill(env, pulse, tmp_path):
 
 def _bad_train_file(tmp_path, env) -> str:
   """The generated train split with one malformed record and one missing video."""
-  cache = env["DEEPINTUIT_CACHE"]
-  (root,) = [os.path.join(cache, d) for d in os.listdir(cache) if d.startswith("synthetic")]
+  cache = env["DEEPINTUIT_CACHE"]  # shared by the run: this module's benchmark (12 / 2 clips)
+  (root,) = [os.path.join(cache, d) for d in os.listdir(cache)
+             if d.startswith("synthetic") and d.endswith("_s0_12_2")]
   with open(os.path.join(root, "train.json")) as f:
     recs = json.load(f)
   for r in recs:

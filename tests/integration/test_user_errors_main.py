@@ -16,8 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, xla_cache):
-  return main_env(tmp_path_factory.mktemp("user_errors"), xla_cache)
+def env(xla_cache):
+  return main_env(xla_cache)
 
 
 def _fail(env, workdir, *args):
