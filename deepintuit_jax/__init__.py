@@ -66,12 +66,13 @@ class _FormerPaths(importlib.abc.MetaPathFinder, importlib.abc.Loader):
       module.__path__ = []
       return module
     module = importlib.import_module(moved_to(spec.name))
-    self._home_spec = module.__spec__
+    spec.loader_state = module.__spec__  # the import machinery then sets the former spec
     return module
 
   def exec_module(self, module):
-    if module.__name__ != module.__spec__.name:  # the home module: keep its own spec
-      module.__spec__ = self._home_spec
+    home = module.__spec__.loader_state
+    if home is not None:  # the home module: give it its own spec back
+      module.__spec__ = home
 
 
 if not any(isinstance(f, _FormerPaths) for f in sys.meta_path):

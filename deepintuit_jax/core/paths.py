@@ -18,6 +18,8 @@ from typing import Iterator
 
 from etils import epath
 
+from deepintuit_jax.core.errors import ConfigError
+
 
 def is_remote(path: str | os.PathLike) -> bool:
   """A URL (`gs://`, `s3://`, ...) rather than a local path."""
@@ -155,3 +157,15 @@ def fetched(path: str | os.PathLike) -> Iterator[str]:
     yield tmp
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def parse_named(spec: str, key: str) -> tuple[tuple[str, str], ...]:
+  """A config's `name=path,name=path` list (data.eval_files, infer.baselines, ...) ->
+  ((name, path), ...); an entry without both halves is a ConfigError naming `key`."""
+  out = []
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    name, eq, path = part.partition("=")
+    if not eq or not name.strip() or not path.strip():
+      raise ConfigError(f"{key}: {part!r} is not name=path")
+    out.append((name.strip(), path.strip()))
+  return tuple(out)

@@ -38,16 +38,6 @@ class InferRun:
   max_items: int
 
 
-def parse_models(spec: str, what: str) -> tuple[tuple[str, str], ...]:
-  out = []
-  for part in filter(None, (p.strip() for p in spec.split(","))):
-    name, eq, path = part.partition("=")
-    if not eq or not name.strip() or not path.strip():
-      raise ValueError(f"{what}: {part!r} is not name=path")
-    out.append((name.strip(), path.strip()))
-  return tuple(out)
-
-
 def resolve_calibrator(path: str, what: str = "infer.calibrators") -> str:
   """A calibrator directory: itself (calibrator.json or config.json), or a calibrate
   workdir's hf/ (label_token) or head/ (hidden_state)."""
@@ -65,7 +55,7 @@ def from_config(c) -> InferRun:
   model = specs.model_spec(c)
   if c.data.eval_files not in ("", "none") and not c.data.train_file:
     with c.unlocked():  # no training file here: keep data_spec off the generated benchmark
-      c.data.train_file = specs.parse_eval_files(c.data.eval_files)[0][1]
+      c.data.train_file = paths.parse_named(c.data.eval_files, "data.eval_files")[0][1]
   data = specs.data_spec(c)
   if not data.eval_files:
     raise ValueError("data.eval_files is empty: name the splits to evaluate (name=path,...)")
@@ -75,10 +65,10 @@ def from_config(c) -> InferRun:
       policy=specs.resolve_policy(i.policy, model, what="infer.policy"),
       policy_name=i.policy_name,
       calibrators=tuple((n, resolve_calibrator(p))
-                        for n, p in parse_models(i.calibrators, "infer.calibrators")),
+                        for n, p in paths.parse_named(i.calibrators, "infer.calibrators")),
       baselines=tuple((n, specs.resolve_policy(p, model, what="infer.baselines",
                                                       produced_by="that stage"))
-                      for n, p in parse_models(i.baselines, "infer.baselines")),
+                      for n, p in paths.parse_named(i.baselines, "infer.baselines")),
       two_stage=two_stage.TwoStageConfig(
           batch_size=i.batch_size, max_new_tokens=i.max_new_tokens,
           temperature=i.temperature, seed=c.seed, prompt=i.prompt,

@@ -114,8 +114,7 @@ def check_config(config) -> None:
   # Models handed over by earlier stages (the chain's hf/ exports): whole, or named.
   policy = _get(config, "infer.policy")
   handed = [("infer.policy", policy)] if policy and policy != "none" else []
-  for part in filter(None, (_get(config, "infer.baselines") or "").split(",")):
-    name, _, path = part.strip().partition("=")
+  for name, path in paths.parse_named(_get(config, "infer.baselines") or "", "infer.baselines"):
     handed.append((f"infer.baselines[{name}]", path))
   for key, path in handed:
     if path and "://" not in path:
@@ -127,8 +126,5 @@ def check_config(config) -> None:
     _exists("data.video_root", _get(config, "data.video_root"), kind="directory")
   eval_files = _get(config, "data.eval_files")
   if eval_files and eval_files != "none":
-    for part in filter(None, (p.strip() for p in eval_files.split(","))):
-      name, eq, path = part.partition("=")
-      if not eq or not name.strip() or not path.strip():
-        raise ConfigError(f"data.eval_files: {part!r} is not name=path")
-      _exists(f"data.eval_files[{name.strip()}]", path.strip(), kind="file")
+    for name, path in paths.parse_named(eval_files, "data.eval_files"):
+      _exists(f"data.eval_files[{name}]", path, kind="file")

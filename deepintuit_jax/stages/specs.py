@@ -68,16 +68,6 @@ def build_once(path: str, build: Callable[[str], Any]) -> str:
   return path
 
 
-def parse_eval_files(spec: str) -> tuple[tuple[str, str], ...]:
-  out = []
-  for part in filter(None, (p.strip() for p in spec.split(","))):
-    name, eq, path = part.partition("=")
-    if not eq or not name.strip() or not path.strip():
-      raise ValueError(f"data.eval_files: {part!r} is not name=path")
-    out.append((name.strip(), path.strip()))
-  return tuple(out)
-
-
 def model_spec(c) -> ModelSpec:
   """`c.model` -> ModelSpec; an empty checkpoint = the built-in tiny model (built once)."""
   ckpt = c.model.checkpoint
@@ -111,7 +101,7 @@ def data_spec(c) -> DataSpec:
     if not eval_spec:
       eval_spec = (f"test_close={os.path.join(root, 'test_close.json')},"
                    f"test_open={os.path.join(root, 'test_open.json')}")
-  eval_files = () if eval_spec == "none" else parse_eval_files(eval_spec)
+  eval_files = () if eval_spec == "none" else paths.parse_named(eval_spec, "data.eval_files")
   options = pipeline.PipelineOptions(
       video_root=video_root or None, sampling=c.data.sampling,
       max_frames=c.data.max_frames, max_pixels=c.data.max_pixels, min_pixels=c.data.min_pixels,
