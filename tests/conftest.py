@@ -36,7 +36,6 @@ def xla_cache(tmp_path_factory) -> str:
   return str(path)
 
 
-
 @pytest.fixture(scope="session", autouse=True)
 def _in_process_xla_cache(xla_cache):
   """The in-process tests load from and add to the same cache: modules build the same micro

@@ -4,7 +4,7 @@ folder first on PYTHONPATH). It makes the test extras' PyTorch unimportable ther
 
 - a runtime import of torch fails the test that reaches it, not CI's last step;
 - transformers, which imports torch whenever it is installed (its rope utilities, through
-  AutoTokenizer), skips that import: about 1.5 s of CPU per process start.
+  AutoTokenizer), skips that import: about 3 s of CPU per process start.
 
 `sys.modules["torch"] = None` is Python's own way to block an import: `import torch` raises
 ImportError and `importlib.util.find_spec("torch")` is None (transformers' availability check).
