@@ -70,6 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       grad_clip=1.0,
       frozen="auto",      # regexes; auto = the vision tower (label_token), the VLM (hidden_state)
       log_every=1,
+      offload_optimizer=False,  # the optimizer state (AdamW's fp32 moments, 8 bytes per
+                                # trainable parameter, sharded) kept in host memory between
+                                # steps, off the devices (docs/accelerators.md)
   ))
   recipes.attach(c, RELEASE, real=args.real)
   if args.hidden:

@@ -76,6 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       frozen=r"^visual\.",  # comma-separated regexes; "" = everything trains (vision
                           # included: the release's)
       log_every=1,
+      offload_optimizer=False,  # the optimizer state (AdamW's fp32 moments, 8 bytes per
+                                # trainable parameter, sharded) kept in host memory between
+                                # steps, off the devices (docs/accelerators.md)
   ))
   c.grpo = ml_collections.ConfigDict(dict(
       group_size=8,           # G responses per prompt

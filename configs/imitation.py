@@ -76,6 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       frozen="",          # comma-separated regexes over parameter paths; "^visual\\." trains
                           # the head only (a probe of the tower); "" = end to end
       log_every=1,
+      offload_optimizer=False,  # the optimizer state (AdamW's fp32 moments, 8 bytes per
+                                # trainable parameter, sharded) kept in host memory between
+                                # steps, off the devices (docs/accelerators.md)
   ))
   c.eval = ml_collections.ConfigDict(dict(
       every_steps=0,      # 0 = only at the end

@@ -63,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           # ('visual.blocks.0...'); both recipes freeze the tower (the tiny
                           # base's is pretrained); "" trains it too
       log_every=1,
+      offload_optimizer=False,  # the optimizer state (AdamW's fp32 moments, 8 bytes per
+                                # trainable parameter, sharded) kept in host memory between
+                                # steps, off the devices (docs/accelerators.md)
       loss_chunk=1024,    # tokens per chunk of the cross-entropy (logits [chunk, V] at a
                           # time, recomputed in the backward); 0 = full [B, T, V] logits
   ))

@@ -64,6 +64,9 @@ def parse_args(argv=None):
   p.add_argument("--frozen", default=None,
                  help="comma-separated regexes (default: the release's: the vision tower in "
                       "sft and calibrate, nothing in grpo)")
+  p.add_argument("--offload_optimizer", action="store_true",
+                 help="the optimizer state in host memory between steps (config "
+                      "train.offload_optimizer)")
   p.add_argument("--hbm_gib", type=float, default=0.0,
                  help="memory per device to judge against (default: the TPU chip's; none "
                       "for CPU devices unless given)")
@@ -151,8 +154,8 @@ def _train_state(args, cfg, opts, mesh, kind: str):
                                  frozen=frozen, rest=rest,
                                  opt_state=jax.eval_shape(tx.init, params),
                                  rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-  return graphdef, tx, optim.schedule(ocfg, 1000), state, train_state.state_shardings(state,
-                                                                                        mesh)
+  return graphdef, tx, optim.schedule(ocfg, 1000), state, train_state.state_shardings(
+      state, mesh, offload_optimizer=args.offload_optimizer)
 
 
 def _groups(args, mesh) -> int:
@@ -362,6 +365,9 @@ def check(args, cfg, opts, mesh, spec, name: str) -> dict:
                                          "output_size_in_bytes", "alias_size_in_bytes",
                                          "total_bytes")),
                 out.get("flops_per_device", 0.0), out["compile_seconds"]))
+      if out.get("host_argument_size_in_bytes"):
+        print(f"host memory per device: arguments "
+              f"{out['host_argument_size_in_bytes'] / GiB:.2f} GiB (not counted above)")
   if "analytic_bytes" in out:
     print("\n".join(report(held, transients, out if "argument_size_in_bytes" in out else None)))
   if args.buffers:

@@ -10,13 +10,17 @@ from typing import Any
 
 GiB = 2 ** 30
 
-def bytes_per_device(tree, shardings) -> int:
+def bytes_per_device(tree, shardings, *, host: bool = False) -> int:
+  """Bytes of `tree`'s shards on one device: those in the device's memory, or (host=True)
+  those its shardings place in host memory (train.offload_optimizer)."""
   import jax
   import numpy as np
+  from deepintuit_jax.core.sharding import HOST_MEMORY
   leaves = jax.tree.leaves(tree)
   sh = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
   return sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
-             for x, s in zip(leaves, sh))
+             for x, s in zip(leaves, sh)
+             if (getattr(s, "memory_kind", None) == HOST_MEMORY) == host)
 
 
 def layer_residual_bytes(cfg, opts, rows: int, seq: int, remat: str) -> int:
@@ -82,6 +86,7 @@ def breakdown(args, cfg, opts, mesh, built: Any) -> dict[str, float]:
       f"saved activations ({layers} layers x {per_layer / GiB:.2f} GiB, remat "
       f"{args.remat})": layers * per_layer,
   }
+  host_opt = bytes_per_device(st.opt_state, sh.opt_state, host=True)
   transients = {
       "one layer's backward (recompute + gathered weights and their gradients)":
           layer_residual_bytes(cfg, opts, rows, seq, "none") + layer_params * (dt + 4) // tensor,
@@ -91,6 +96,9 @@ def breakdown(args, cfg, opts, mesh, built: Any) -> dict[str, float]:
           built.patches_per_device * (3 * v.hidden_size + 3 * v.intermediate_size) * dt,
       "MLP activations of one layer": 3 * rows * seq * mlp * 4,
   }
+  if host_opt:  # the update copies the moments in, and makes the parameters' update
+    transients["optimizer update (moments copied in from host memory + the update)"] = (
+        host_opt + params)
   return out, transients
 
 
@@ -103,7 +111,7 @@ def memory_figures(compiled) -> dict[str, int] | None:
     return None
   return {k: int(getattr(m, k, 0) or 0) for k in (
       "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-      "alias_size_in_bytes")}
+      "alias_size_in_bytes", "host_argument_size_in_bytes")}
 
 
 def peak_estimate(mem: dict[str, int]) -> int:
@@ -133,7 +141,8 @@ def report(out, transients, mem) -> list[str]:
           "--accum)" if "saved" in top else "")
   if peak > out[top]:
     hint = ("lower --loss_chunk" if "loss" in name else
-            "fewer rows per device, or tensor parallelism (mesh third axis)")
+            "more fsdp devices (the moments and parameters are sharded)" if "optimizer" in name
+            else "fewer rows per device, or tensor parallelism (mesh third axis)")
   lines.append(f"  dominant: {top if out[top] >= peak else name} -> {hint}")
   return lines
 
@@ -207,6 +216,12 @@ def suggestions(args, mesh, built: Any, total: int, hbm: int) -> list[str]:
                "device, the same global batch)")
   if args.remat != "full":
     out.append("--remat=full (keep only each layer's input for the backward)")
+  opt = bytes_per_device(built.state.opt_state, built.shardings.opt_state)
+  if opt:  # the update still needs the moments on the device, with their update beside them
+    update = 3 * bytes_per_device(built.state.params, built.shardings.params) + opt
+    if max(total - opt, update) <= hbm:
+      out.append(f"--offload_optimizer (the optimizer state, {opt / GiB:.1f} GiB per device, "
+                 "in host memory between steps: config train.offload_optimizer=True)")
   if mesh.shape["tensor"] == 1 and fsdp % 2 == 0:
     out.append(f"--mesh=1,{fsdp // 2},2 --batch={max(args.batch // 2, 1)} (tensor parallelism "
                "splits each layer's gathered weights, their gradients and the MLP activations)")

@@ -130,6 +130,38 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.St
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+# Host memory that devices read and write directly (DMA): where offloaded state lives.
+HOST_MEMORY = "pinned_host"
+
+
+def _is_sharding(x) -> bool:
+  return isinstance(x, jax.sharding.Sharding)
+
+
+def in_host_memory(shardings):
+  """The same shardings with their arrays placed in host memory (HOST_MEMORY) instead of the
+  device's: an array kept there costs no device memory between the steps that use it."""
+  return jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY), shardings, is_leaf=_is_sharding)
+
+
+def is_offloaded(shardings) -> bool:
+  """Whether any leaf of `shardings` places its array in host memory."""
+  return any(getattr(s, "memory_kind", None) == HOST_MEMORY
+             for s in jax.tree.leaves(shardings, is_leaf=_is_sharding))
+
+
+def to_device_memory(tree, shardings):
+  """Inside jit: each leaf of `tree` whose sharding (same tree) is in host memory, copied to
+  the device's memory with the same layout; the others as they are."""
+  leaves, treedef = jax.tree.flatten(tree)
+  sh = jax.tree.leaves(shardings, is_leaf=_is_sharding)
+  if len(sh) != len(leaves):
+    raise ValueError(f"{len(leaves)} arrays but {len(sh)} shardings")
+  return treedef.unflatten([
+      jax.device_put(x, s.with_memory_kind("device"))
+      if getattr(s, "memory_kind", None) == HOST_MEMORY else x for x, s in zip(leaves, sh)])
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
   """Leading (batch) dimension split over the data-parallel axes, the rest replicated."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))

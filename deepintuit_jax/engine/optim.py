@@ -22,7 +22,9 @@ class OptimConfig:
   weight decay applies to matrices only (ndim >= 2), never to biases and norm scales;
   frozen: regexes matched (re.search) against '.'-joined parameter paths such as
   'visual.blocks.0.attn.qkv.kernel'; warmup_steps >= 0 overrides warmup_ratio; decay:
-  "linear" (to 0 at the last step, the SFT recipe) or "constant" (verl's GRPO actor)."""
+  "linear" (to 0 at the last step, the SFT recipe) or "constant" (verl's GRPO actor);
+  offload_optimizer: keep the optimizer state (AdamW's two fp32 moments, 8 bytes per
+  trainable parameter) in host memory between steps (engine/state.py state_shardings)."""
   learning_rate: float = 2e-5
   warmup_ratio: float = 0.06
   weight_decay: float = 0.0
@@ -33,6 +35,7 @@ class OptimConfig:
   frozen: tuple[str, ...] = ()
   warmup_steps: int = -1
   decay: str = "linear"
+  offload_optimizer: bool = False
 
   def __post_init__(self):
     if self.decay not in ("linear", "constant"):

@@ -39,10 +39,16 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, frozen: Sequ
   return graphdef, state
 
 
-def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+def state_shardings(state: TrainState, mesh: Mesh, *, offload_optimizer: bool = False
+                    ) -> TrainState:
   """A NamedSharding for every leaf of `state` by its logical axes (optimizer moments
-  follow their parameters; scalars and the rng replicated)."""
-  return sharding_lib.state_shardings(state, mesh)
+  follow their parameters; scalars and the rng replicated). offload_optimizer: the optimizer
+  state lives in host memory (sharding.HOST_MEMORY), laid out as on the devices; the train
+  step copies it in for the update and writes it back (engine/step.py)."""
+  out = sharding_lib.state_shardings(state, mesh)
+  if offload_optimizer:
+    out = out.replace(opt_state=sharding_lib.in_host_memory(out.opt_state))
+  return out
 
 
 def trainable_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:

@@ -104,18 +104,20 @@ def prepare(*, seed: int, init_from: str, model: ModelSpec, data: DataSpec,
 
 
 def init_train_state(setup: Setup, tx, frozen, *, seed: int, init_from: str, mesh,
-                     on_init: Callable[[TrainState], None] | None = None
+                     on_init: Callable[[TrainState], None] | None = None,
+                     offload_optimizer: bool = False
                      ) -> tuple[Any, TrainState, TrainState, dict | None]:
   """The one resume order: the workdir's own latest complete checkpoint > `init_from` (an
   Orbax checkpoint's parameters, or the HF directory already loaded) > `model.checkpoint`.
 
   on_init(state): called with the state as initialised, before an own checkpoint replaces
   it (e.g. to keep a frozen reference copy of the starting parameters).
+  offload_optimizer: the optimizer state placed in host memory (`OptimConfig`).
   Returns (graphdef, state, shardings, data iterator state or None when not resumed).
   Frees `setup.model` (its arrays now live in the state)."""
   graphdef, state = init_state(setup.model, tx, frozen, seed)
   setup.model = None
-  shardings = state_shardings(state, mesh)
+  shardings = state_shardings(state, mesh, offload_optimizer=offload_optimizer)
   state = jax.device_put(state, shardings)
   ck = setup.checkpointer
   own = ck.latest_step()
@@ -185,7 +187,8 @@ def start_training(setup: Setup, data: TrainData, optim_cfg, *, seed: int, init_
   shardings)."""
   tx = optim.make_optimizer(optim_cfg, data.total)
   graphdef, state, shardings, data_state = init_train_state(
-      setup, tx, optim_cfg.frozen, seed=seed, init_from=init_from, mesh=mesh)
+      setup, tx, optim_cfg.frozen, seed=seed, init_from=init_from, mesh=mesh,
+      offload_optimizer=optim_cfg.offload_optimizer)
   if data_state is not None:
     data.loader.set_state(data_state)
   if jax.process_index() == 0:
@@ -242,7 +245,9 @@ def summary(state: TrainState, shardings: TrainState, mesh) -> str:
       f"parameters: {n_train:,} trainable, {n_frozen:,} frozen",
       f"mesh: {dict(mesh.shape)} over {mesh.devices.size} device(s), "
       f"{jax.process_count()} process(es)",
-      "trainable parameter shardings: " + ", ".join(f"{k} x{v}" for k, v in specs.items())])
+      "trainable parameter shardings: " + ", ".join(f"{k} x{v}" for k, v in specs.items()),
+      "optimizer state: " + ("host memory (train.offload_optimizer)"
+                             if sharding.is_offloaded(shardings.opt_state) else "device memory")])
 
 
 class Evaluator:

@@ -128,7 +128,8 @@ def from_config(c) -> GRPORun:
           warmup_steps=c.train.warmup_steps, decay="constant",
           weight_decay=c.train.weight_decay, b1=c.train.b1, b2=c.train.b2, eps=c.train.eps,
           grad_clip=c.train.grad_clip,
-          frozen=tuple(p for p in c.train.frozen.split(",") if p)),
+          frozen=tuple(p for p in c.train.frozen.split(",") if p),
+          offload_optimizer=c.train.offload_optimizer),
       grpo=grpo, num_steps=num_steps, epochs=epochs, log_every=c.train.log_every,
       checkpoint=specs.checkpoint_spec(c), eval=specs.eval_spec(c),
       eval_every=c.eval.every_steps)
@@ -164,7 +165,8 @@ def run(cfg: GRPORun, *, workdir: str, mesh) -> dict[str, Any]:
     ref["params"] = jax.tree.map(jnp.copy, (st.params, st.frozen, st.rest))
   graphdef, state, shardings, data_state = common.init_train_state(
       setup, tx, cfg.optim.frozen, seed=cfg.seed, init_from=cfg.init_from, mesh=mesh,
-      on_init=keep_reference if g.kl_coef else None)
+      on_init=keep_reference if g.kl_coef else None,
+      offload_optimizer=cfg.optim.offload_optimizer)
   if data_state is not None:
     loader.set_state(data_state)
   rows = g.micro_prompts // procs * g.group_size
