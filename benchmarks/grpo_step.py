@@ -184,6 +184,7 @@ def export_workload(args) -> Workload:
   c.grpo.group_size, c.grpo.prompts_per_rollout = args.group, args.prompts
   c.grpo.mini_batch_prompts, c.grpo.micro_batch_prompts = args.mini or args.prompts, args.micro
   c.grpo.max_response_tokens, c.grpo.temperature = args.new, args.temperature
+  c.grpo.rewards = "format:1.0,accuracy:1.0"  # the peer's (the release's) rewards
   if args.length_steps:
     c.grpo.length_steps = args.length_steps
   run = grpo_stage.from_config(c)

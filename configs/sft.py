@@ -24,7 +24,8 @@ from deepintuit_jax.core import recipes
 
 # The release's recipe (../shared/RECIPE.md, stage 0): with model.checkpoint set (or `:real`)
 # these values replace the tiny ones the fields below hold (deepintuit_jax/core/recipes.py).
-RELEASE = {"train.learning_rate": 2e-5, "train.epochs": 5, "train.batch_size": 64,
+RELEASE = {"train.learning_rate": 2e-5, "train.num_steps": 0, "train.epochs": 5,
+           "train.batch_size": 64,
            "data.max_frames": 32, "data.max_pixels": 200704, "eval.max_new_tokens": 2048,
            "checkpoint.every_steps": 500}
 
