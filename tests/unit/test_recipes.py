@@ -18,7 +18,7 @@ EXPECTED = {
           "data.max_pixels": (P_TINY, P_REAL), "train.frozen": (r"^visual\.", r"^visual\."),
           "eval.max_new_tokens": (192, 2048), "checkpoint.every_steps": (50, 500)},
     grpo: {"train.learning_rate": (1e-4, 1e-6), "train.warmup_steps": (2, 10),
-           "train.epochs": (1, 20), "train.num_steps": (120, 0), "grpo.group_size": (8, 8),
+           "train.epochs": (1, 20), "train.num_steps": (180, 0), "grpo.group_size": (8, 8),
            "grpo.prompts_per_rollout": (8, 64), "grpo.mini_batch_prompts": (4, 32),
            "grpo.max_response_tokens": (160, 2048), "data.max_frames": (8, 32),
            "data.max_pixels": (P_TINY, P_REAL), "eval.max_new_tokens": (192, 2048),
