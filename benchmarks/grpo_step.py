@@ -207,7 +207,7 @@ def export_workload(args) -> Workload:
   total = 1000
   tx = optim.make_optimizer(run.optim, total)
   graphdef, state, shardings, _ = stage.init_train_state(
-      setup, tx, run.optim.frozen, seed=run.seed, init_from=run.init_from, mesh=mesh)
+      setup, tx, run.optim, seed=run.seed, init_from=run.init_from, mesh=mesh)
   learner = learner_lib.GRPOLearner(
       graphdef, tx, optim.schedule(run.optim, total), cfg=run.grpo, tokenizer=setup.tokenizer,
       options=options, model_config=model_config, pad_id=chat.pad_id(setup.tokenizer),

@@ -81,11 +81,7 @@ def from_config(c) -> CalibrateRun:
   return CalibrateRun(
       seed=c.seed, policy=specs.resolve_policy(c.init_from, model), head=head,
       model=model, data=data,
-      optim=optim.OptimConfig(learning_rate=lr, warmup_ratio=c.train.warmup_ratio,
-                              weight_decay=c.train.weight_decay, b1=c.train.b1, b2=c.train.b2,
-                              eps=c.train.eps, grad_clip=c.train.grad_clip,
-                              frozen=tuple(p for p in frozen.split(",") if p),
-                              offload_optimizer=c.train.offload_optimizer),
+      optim=specs.optim_spec(c, learning_rate=lr, frozen=frozen),
       train=TrainSpec(num_steps=c.train.num_steps, epochs=c.train.epochs,
                       batch_size=batch, micro_batch_size=c.train.micro_batch_size or batch,
                       log_every=c.train.log_every),

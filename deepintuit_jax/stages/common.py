@@ -103,21 +103,22 @@ def prepare(*, seed: int, init_from: str, model: ModelSpec, data: DataSpec,
                classes=classes, ledger=ledger, options=options, model=net, checkpointer=ck)
 
 
-def init_train_state(setup: Setup, tx, frozen, *, seed: int, init_from: str, mesh,
-                     on_init: Callable[[TrainState], None] | None = None,
-                     offload_optimizer: bool = False
+def init_train_state(setup: Setup, tx, optim_cfg: optim.OptimConfig, *, seed: int,
+                     init_from: str, mesh,
+                     on_init: Callable[[TrainState], None] | None = None
                      ) -> tuple[Any, TrainState, TrainState, dict | None]:
   """The one resume order: the workdir's own latest complete checkpoint > `init_from` (an
   Orbax checkpoint's parameters, or the HF directory already loaded) > `model.checkpoint`.
 
   on_init(state): called with the state as initialised, before an own checkpoint replaces
   it (e.g. to keep a frozen reference copy of the starting parameters).
-  offload_optimizer: the optimizer state placed in host memory (`OptimConfig`).
+  optim_cfg: its `frozen` parameters get no optimizer state; `offload_optimizer` places
+  that state in host memory.
   Returns (graphdef, state, shardings, data iterator state or None when not resumed).
   Frees `setup.model` (its arrays now live in the state)."""
-  graphdef, state = init_state(setup.model, tx, frozen, seed)
+  graphdef, state = init_state(setup.model, tx, optim_cfg.frozen, seed)
   setup.model = None
-  shardings = state_shardings(state, mesh, offload_optimizer=offload_optimizer)
+  shardings = state_shardings(state, mesh, offload_optimizer=optim_cfg.offload_optimizer)
   state = jax.device_put(state, shardings)
   ck = setup.checkpointer
   own = ck.latest_step()
@@ -181,14 +182,13 @@ def train_data(setup: Setup, train, mesh, *, model_config=None) -> TrainData:
 def start_training(setup: Setup, data: TrainData, optim_cfg, *, seed: int, init_from: str,
                    mesh, describe: str) -> tuple[Any, Any, TrainState, TrainState]:
   """The set-up a labelled-batch stage does after `train_data`: the optimizer over
-  `data.total` steps, the one resume order (`init_train_state`; frozen = `optim_cfg.frozen`),
+  `data.total` steps, the one resume order (`init_train_state`),
   the loader moved to a resumed run's position, and on process 0 the parameter summary
   and `describe` (the stage's line: records, classes, steps). Returns (tx, graphdef, state,
   shardings)."""
   tx = optim.make_optimizer(optim_cfg, data.total)
   graphdef, state, shardings, data_state = init_train_state(
-      setup, tx, optim_cfg.frozen, seed=seed, init_from=init_from, mesh=mesh,
-      offload_optimizer=optim_cfg.offload_optimizer)
+      setup, tx, optim_cfg, seed=seed, init_from=init_from, mesh=mesh)
   if data_state is not None:
     data.loader.set_state(data_state)
   if jax.process_index() == 0:

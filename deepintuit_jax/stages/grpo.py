@@ -123,13 +123,8 @@ def from_config(c) -> GRPORun:
     raise ValueError("set train.num_steps > 0 or train.epochs > 0")
   return GRPORun(
       seed=c.seed, init_from=init_from, model=specs.model_spec(c), data=specs.data_spec(c),
-      optim=optim.OptimConfig(
-          learning_rate=c.train.learning_rate, warmup_ratio=0.0,
-          warmup_steps=c.train.warmup_steps, decay="constant",
-          weight_decay=c.train.weight_decay, b1=c.train.b1, b2=c.train.b2, eps=c.train.eps,
-          grad_clip=c.train.grad_clip,
-          frozen=tuple(p for p in c.train.frozen.split(",") if p),
-          offload_optimizer=c.train.offload_optimizer),
+      optim=specs.optim_spec(c, warmup_ratio=0.0, warmup_steps=c.train.warmup_steps,
+                             decay="constant"),
       grpo=grpo, num_steps=num_steps, epochs=epochs, log_every=c.train.log_every,
       checkpoint=specs.checkpoint_spec(c), eval=specs.eval_spec(c),
       eval_every=c.eval.every_steps)
@@ -164,9 +159,8 @@ def run(cfg: GRPORun, *, workdir: str, mesh) -> dict[str, Any]:
   def keep_reference(st):  # a frozen copy of the start (the state itself is donated)
     ref["params"] = jax.tree.map(jnp.copy, (st.params, st.frozen, st.rest))
   graphdef, state, shardings, data_state = common.init_train_state(
-      setup, tx, cfg.optim.frozen, seed=cfg.seed, init_from=cfg.init_from, mesh=mesh,
-      on_init=keep_reference if g.kl_coef else None,
-      offload_optimizer=cfg.optim.offload_optimizer)
+      setup, tx, cfg.optim, seed=cfg.seed, init_from=cfg.init_from, mesh=mesh,
+      on_init=keep_reference if g.kl_coef else None)
   if data_state is not None:
     loader.set_state(data_state)
   rows = g.micro_prompts // procs * g.group_size

@@ -105,12 +105,7 @@ def from_config(c) -> ImitationRun:
       imitation=ImitationSpec(init=i.init, head_width=i.head_width, head_depth=i.head_depth,
                               head_heads=i.head_heads,
                               head_mlp_ratio=i.head_mlp_ratio, pos_frequencies=i.pos_frequencies),
-      optim=optim.OptimConfig(
-          learning_rate=c.train.learning_rate, warmup_ratio=c.train.warmup_ratio,
-          weight_decay=c.train.weight_decay, b1=c.train.b1,
-          b2=c.train.b2, eps=c.train.eps, grad_clip=c.train.grad_clip,
-          frozen=tuple(p for p in c.train.frozen.split(",") if p),
-          offload_optimizer=c.train.offload_optimizer),
+      optim=specs.optim_spec(c),
       train=TrainSpec(num_steps=c.train.num_steps, epochs=c.train.epochs,
                       batch_size=batch, micro_batch_size=c.train.micro_batch_size or batch,
                       log_every=c.train.log_every),

@@ -39,18 +39,12 @@ def from_config(c) -> SFTRun:
   """The locked ConfigDict -> frozen dataclasses, with its recipe applied and the embedded
   default (tiny model, generated benchmark) built into the cache when needed."""
   c = recipes.resolve(c)
-  frozen = c.train.frozen
   batch = c.train.batch_size
   init_from = tiny_base.default_init(c.init_from, model_checkpoint=c.model.checkpoint,
                                      cache_dir=specs.cache_dir(c.model.cache_dir))
   return SFTRun(
       seed=c.seed, init_from=init_from, model=specs.model_spec(c), data=specs.data_spec(c),
-      optim=optim.OptimConfig(
-          learning_rate=c.train.learning_rate,
-          warmup_ratio=c.train.warmup_ratio, weight_decay=c.train.weight_decay, b1=c.train.b1,
-          b2=c.train.b2, eps=c.train.eps, grad_clip=c.train.grad_clip,
-          frozen=tuple(p for p in frozen.split(",") if p),
-          offload_optimizer=c.train.offload_optimizer),
+      optim=specs.optim_spec(c),
       train=TrainSpec(num_steps=c.train.num_steps, epochs=c.train.epochs,
                       batch_size=batch, micro_batch_size=c.train.micro_batch_size or batch,
                       log_every=c.train.log_every, loss_chunk=c.train.loss_chunk),

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from deepintuit_jax.core import paths
 from deepintuit_jax.data import annotations, pipeline
+from deepintuit_jax.engine import optim
 from deepintuit_jax.evals import generation
 
 # What a trace workdir writes beside its examples for the calibration stage.
@@ -110,6 +111,21 @@ def data_spec(c) -> DataSpec:
   return DataSpec(train_file=train_file, eval_files=eval_files, class_file=class_file,
                   options=options, prefetch_steps=c.data.prefetch_steps,
                   special_tokens=c.data.special_tokens)
+
+
+def optim_spec(c, **overrides) -> optim.OptimConfig:
+  """The optimizer of a stage's `train.*` keys (learning_rate, warmup_ratio when it has one,
+  weight_decay, b1, b2, eps, grad_clip, frozen as comma-separated regexes, offload_optimizer);
+  `overrides` replace what a stage derives otherwise (e.g. GRPO's constant schedule)."""
+  t = c.train
+  kw = dict(learning_rate=t.learning_rate, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
+            eps=t.eps, grad_clip=t.grad_clip, frozen=t.frozen,
+            offload_optimizer=t.offload_optimizer)
+  if "warmup_ratio" in t:
+    kw["warmup_ratio"] = t.warmup_ratio
+  kw.update(overrides)
+  kw["frozen"] = tuple(p for p in kw["frozen"].split(",") if p)
+  return optim.OptimConfig(**kw)
 
 
 def checkpoint_spec(c) -> CheckpointSpec:
