@@ -77,6 +77,8 @@ def parse_args(argv=None):
   p.add_argument("--length_steps", type=int, default=0,
                  help="grpo.length_steps (with --checkpoint; 0 = the config's default; 1 = "
                       "learner rows padded to the length buckets themselves)")
+  p.add_argument("--share_prompt", default="", choices=("", "on", "off"),
+                 help="grpo.share_prompt (with --checkpoint; default: the config's, on)")
   p.add_argument("--cores", type=int, default=0,
                  help="run on this many CPU cores (affinity, set before jax starts and "
                       "inherited by the peer; 0 = all)")
@@ -187,6 +189,8 @@ def export_workload(args) -> Workload:
   c.grpo.rewards = "format:1.0,accuracy:1.0"  # the peer's (the release's) rewards
   if args.length_steps:
     c.grpo.length_steps = args.length_steps
+  if args.share_prompt:
+    c.grpo.share_prompt = args.share_prompt == "on"
   run = grpo_stage.from_config(c)
   mesh = sharding.make_mesh(tuple(c.mesh.shape))
   workdir = tempfile.mkdtemp(prefix="grpo_step_")
@@ -361,7 +365,9 @@ def main(argv=None) -> dict:
 
   def sized(*a, **k):  # the padded learner length, for the report
     out = batches(*a, **k)
-    lengths.append(int(out[0]["input_ids"].shape[-1]))
+    mb = out[0]
+    lengths.append((int(mb["input_ids"].shape[-1]),
+                    int(mb["response_ids"].shape[-1]) if "response_ids" in mb else 0))
     return out
   learner._micro_batches = sized
   cpu = {"rollout": 0.0, "logprobs": 0.0}
@@ -406,7 +412,8 @@ def main(argv=None) -> dict:
       "rollout_tokens_per_second", "update_tokens_per_second", "response_length_mean",
       "reward_mean", "iteration_cpu_time", "rollout_cpu_time", "old_logp_cpu_time",
       "update_cpu_time")}
-  out["padded_length"] = max(lengths) if lengths else 0
+  out["padded_length"] = max(t for t, _ in lengths) if lengths else 0
+  out["padded_response_length"] = max(r for _, r in lengths) if lengths else 0
   out["cores"] = len(cores)
   print(f"{args.checkpoint or args.size}, {args.prompts} prompts x G={args.group}, up to "
         f"{args.new} new tokens, {jax.device_count()} {jax.devices()[0].platform} device(s): "
@@ -422,10 +429,13 @@ def main(argv=None) -> dict:
       out["trl"] = theirs
       print("\n" + header(args, jax.__version__, theirs))
       print(side_by_side(out["median"], theirs["median"]))
+      ours = (f"each prompt once, padded to {out['padded_length']} tokens, under its "
+              f"{args.group} responses padded to {out['padded_response_length']}"
+              if out["padded_response_length"] else
+              f"prompt ++ response rows padded to {out['padded_length']} tokens")
       print(f"cores: {out['cores']} (torch threads {theirs['torch_threads']}, attention "
-            f"{theirs['attention']}); learner rows "
-            f"padded to {out['padded_length']} tokens (ours, length bucket) / "
-            f"{theirs['padded_length']} (TRL, longest row)")
+            f"{theirs['attention']}); learner batches: ours {ours} (length grid); TRL "
+            f"prompt ++ response rows padded to {theirs['padded_length']} (longest row)")
       print(f"response length mean: ours {out['response_length_mean']:.1f}, TRL "
             f"{theirs['response_length_mean']:.1f}; reward mean: ours {out['reward_mean']:.2f}, "
             f"TRL {theirs['reward_mean']:.2f}; prompts tokenised alike: "

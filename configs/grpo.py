@@ -120,6 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       length_steps=8,         # learner rows padded to each length bucket's interval cut
                               # into this many steps (<= that many compiled shapes per
                               # bucket); 1 = the pipeline's buckets
+      share_prompt=True,      # the learner runs each prompt and its video once under its G
+                              # responses (False: one prompt ++ response row per response)
       control=False,          # the frozen-policy control: roll out and score the same prompts
                               # with the same keys, never update (`:control`)
   ))

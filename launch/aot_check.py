@@ -55,7 +55,12 @@ def parse_args(argv=None):
   p.add_argument("--frames", type=int, default=32)
   p.add_argument("--side", type=int, default=448, help="frame side in pixels (multiple of 28)")
   p.add_argument("--response", type=int, default=2048, help="rollout: max new tokens")
-  p.add_argument("--group", type=int, default=8, help="rollout: responses per prompt (G)")
+  p.add_argument("--group", type=int, default=8,
+                 help="rollout and GRPO update: responses per prompt (G)")
+  p.add_argument("--share_prompt", action=argparse.BooleanOptionalAction, default=True,
+                 help="GRPO update: each prompt once under its --group responses (config "
+                      "grpo.share_prompt) where --batch / --group prompts divide over the "
+                      "batch groups; else one row per response")
   p.add_argument("--remat", default="full")
   p.add_argument("--attention", default="", help="model.attention_impl ('' = auto)")
   p.add_argument("--attention_block", type=int, default=512)
@@ -104,8 +109,38 @@ class Built:
 
 def fake_batch(cfg, *, batch: int, groups: int, text: int, frames: int, side: int):
   """A grouped host batch with the pipeline's layout (built by data.batching.collate)."""
-  import numpy as np
   from deepintuit_jax.data import batching
+  ex, options = fake_example(cfg, text=text, frames=frames, side=side)
+  return batching.collate([ex] * batch, batch_size=batch, options=options, model_config=cfg,
+                          pad_id=0, groups=groups if groups > 1 else None)
+
+
+def fake_shared_grpo_batch(cfg, *, prompts: int, group: int, groups: int, text: int,
+                           frames: int, side: int):
+  """GRPO's prompt-shared learner batch (`Rollout.micro_batch(share_prompt=True)`, what the
+  learner builds with grpo.share_prompt): `prompts` prompts, each the fake row less its
+  last text // 2 tokens, under `group` responses of those text // 2 tokens; so every
+  response with its prompt is one fake row of `fake_batch`."""
+  import numpy as np
+  from deepintuit_jax.algorithms.grpo import rollout
+  ex, options = fake_example(cfg, text=text, frames=frames, side=side)
+  n = text // 2
+  prompt = dict(ex, input_ids=ex["input_ids"][:len(ex["input_ids"]) - n])
+  rows = prompts * group
+  ro = rollout.Rollout(prompts=[prompt] * prompts, group_size=group,
+                       tokens=np.ones((rows, n), np.int32), logprobs=np.zeros((rows, n),
+                                                                              np.float32),
+                       lengths=np.full(rows, n, np.int32), texts=[""] * rows,
+                       truncated=np.zeros(rows, bool))
+  return ro.micro_batch(range(prompts), advantages=np.zeros(rows, np.float32), options=options,
+                        model_config=cfg, pad_id=0, groups=groups,
+                        token_arrays={"old_logprobs": ro.logprobs}, share_prompt=True)
+
+
+def fake_example(cfg, *, text: int, frames: int, side: int):
+  """One fake row (text // 2 tokens, the video, the rest of the text; the loss on the
+  last text // 2 - 1) and pipeline options that fit it."""
+  import numpy as np
   from deepintuit_jax.data.examples import PipelineOptions
   if side % 28:
     raise ValueError(f"--side {side} must be a multiple of 28")
@@ -122,8 +157,7 @@ def fake_batch(cfg, *, batch: int, groups: int, text: int, frames: int, side: in
             label="x", item_id="x")
   options = PipelineOptions(max_seq_len=1 << (len(ids) - 1).bit_length(),
                             max_pixels=side * side, min_pixels=28 * 28)
-  return batching.collate([ex] * batch, batch_size=batch, options=options, model_config=cfg,
-                          pad_id=0, groups=groups if groups > 1 else None)
+  return ex, options
 
 
 def _abstract(tree, shardings):
@@ -193,6 +227,11 @@ def _build(args, cfg, opts, mesh, kind: str) -> Built:
   host = sharding_lib.as_groups(sft.device_batch(fake_batch(
       cfg, batch=args.batch, groups=groups, text=args.text, frames=args.frames,
       side=args.side)))
+  shared = kind == "grpo" and shares_prompt(args, groups)
+  if shared:
+    host = sharding_lib.as_groups(fake_shared_grpo_batch(
+        cfg, prompts=args.batch // args.group, group=args.group, groups=groups,
+        text=args.text, frames=args.frames, side=args.side))
   if kind == "grpo":
     host, step = grpo_step(graphdef, tx, lr_fn, host, mesh=mesh, shardings=shardings,
                            loss_chunk=args.loss_chunk)
@@ -206,12 +245,29 @@ def _build(args, cfg, opts, mesh, kind: str) -> Built:
                               (_abstract_batch(host, mesh, step.row_axes),) * args.accum)
   g, b, t = np.shape(host["input_ids"])
   n_dp = sharding_lib.data_parallel_size(mesh)
+  info = dict(groups=groups, trainable=optim.count_params(state.params),
+              frozen=optim.count_params(state.frozen), tokens_per_step=int(g * b * t),
+              patches_per_group=int(np.shape(host["pixel_values_videos"])[1]))
+  if kind == "grpo":
+    info["layout"] = (f"prompt-shared: {g * b} prompt(s) of {t} tokens, each under "
+                      f"{args.group} responses" if shared else "one prompt ++ response row "
+                      "per response")
+  if shared:  # the analytic estimate counts each response with its prompt (an upper bound)
+    r, l = np.shape(host["response_ids"])[1:]
+    info["tokens_per_step"] += int(g * r * l)
+    b, t = r, t + l
   return Built(lowered=lowered, state=state, shardings=shardings,
                rows_per_device=max(g * b // n_dp, 1), seq_len=t,
                patches_per_device=int(np.shape(host["pixel_values_videos"])[1]) * max(g // n_dp, 1),
-               info=dict(groups=groups, trainable=optim.count_params(state.params),
-                         frozen=optim.count_params(state.frozen), tokens_per_step=int(g * b * t),
-                         patches_per_group=int(np.shape(host["pixel_values_videos"])[1])))
+               info=info)
+
+
+def shares_prompt(args, groups: int) -> bool:
+  """The GRPO learner's layout for these shapes (GRPOLearner._shares_prompt): prompt-shared
+  unless asked not to, or unless the batch's prompts (--batch / --group) do not divide over
+  the batch groups."""
+  prompts, rest = divmod(args.batch, args.group)
+  return args.share_prompt and not rest and prompts % groups == 0
 
 
 def grpo_step(graphdef, tx, lr_fn, host: dict, *, mesh, shardings, loss_chunk: int):
@@ -219,10 +275,11 @@ def grpo_step(graphdef, tx, lr_fn, host: dict, *, mesh, shardings, loss_chunk: i
   old / rollout log-probs [G, b, T]), so the check covers the policy-loss step too."""
   import numpy as np
   from deepintuit_jax.algorithms.grpo import learner
-  ids = np.asarray(host["input_ids"])
-  host = dict(host, advantages=np.zeros(ids.shape[:2], np.float32),
-              old_logprobs=np.zeros(ids.shape, np.float32),
-              rollout_logprobs=np.zeros(ids.shape, np.float32))
+  if "response_ids" not in host:  # a prompt-shared batch has them already
+    ids = np.asarray(host["input_ids"])
+    host = dict(host, advantages=np.zeros(ids.shape[:2], np.float32),
+                old_logprobs=np.zeros(ids.shape, np.float32),
+                rollout_logprobs=np.zeros(ids.shape, np.float32))
   cfg = learner.GRPOConfig(group_size=1, prompts_per_rollout=1, mini_batch_prompts=1,
                            logp_chunk=loss_chunk)
   return host, learner.TrainStep(learner.make_loss_fn(graphdef, cfg), tx, lr_fn, mesh=mesh,
@@ -324,6 +381,8 @@ def check(args, cfg, opts, mesh, spec, name: str) -> dict:
         f"parameters; mesh {dict(mesh.shape)}; {out['groups']} batch group(s); "
         f"{out['tokens_per_step']:,} token slots; lowered in {out['lower_seconds']}s",
         flush=True)
+  if "layout" in out:
+    print(f"learner batch: {out['layout']}", flush=True)
   if name != "rollout":
     held, transients = breakdown(args, cfg, opts, mesh, built)
     out["analytic_bytes"] = {k: int(b) for k, b in {**held, **transients}.items()}

@@ -23,6 +23,9 @@ from deepintuit_jax.core import sharding as sharding_lib
 # Batch keys the model consumes inside jit (everything else in a batch is the loss's).
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values_videos",
               "video_layout", "pixel_values", "image_layout")
+# A prompt-shared batch (`Qwen2_5_VL.prompt_and_responses`) also holds its responses (their
+# tokens' mask is the batch's `loss_mask`).
+RESPONSE_KEYS = ("response_ids", "response_position_ids")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -92,16 +95,37 @@ def group_logprobs(graphdef: nnx.GraphDef, params, frozen, rest, group: dict, *,
                    ) -> tuple[jax.Array, jax.Array | None]:
   """The model's per-token log-probs of `group`'s next tokens (one group: `input_ids
   [b, T]`, its own vision inputs). Returns (logp [b, T], entropy [b, T] or None); position t
-  scores input_ids[t + 1], the last position is meaningless (mask it). `temperature`: the
+  scores input_ids[t + 1], the last position is meaningless (mask it). A prompt-shared
+  group (with RESPONSE_KEYS: prompts once, `response_ids [b, L]` answering them) gives the
+  response tokens' own log-probs instead, response-aligned ([b, L]). `temperature`: the
   logits are divided by it first (GRPO scores its rollouts at their sampling temperature,
   as verl's actor does)."""
   model = nnx.merge(graphdef, params, frozen, rest)
-  out = model(**model_inputs(group), return_hidden=True)
   logits_fn = model.compute_logits
   if temperature != 1.0:
     logits_fn = lambda h: model.compute_logits(h) / temperature  # noqa: E731
-  return token_logprobs(out.hidden, next_tokens(group["input_ids"]), logits_fn, chunk,
-                        entropy=entropy)
+  if "response_ids" in group:
+    hidden, targets = _response_hidden(model, group)
+  else:
+    hidden = model(**model_inputs(group), return_hidden=True).hidden
+    targets = next_tokens(group["input_ids"])
+  return token_logprobs(hidden, targets, logits_fn, chunk, entropy=entropy)
+
+
+def _response_hidden(model, group: dict) -> tuple[jax.Array, jax.Array]:
+  """A prompt-shared group (prompts `input_ids [bp, P]`, responses `response_ids
+  [bp * n, L]`): the hidden states that score each response token, and the tokens
+  ([bp * n, L] each, response-aligned: position t scores response token t, the first from
+  the prompt's last real token)."""
+  hp, hr = model.prompt_and_responses(
+      **model_inputs(group), **{k: group[k] for k in RESPONSE_KEYS},
+      response_mask=group["loss_mask"])
+  mask = jnp.asarray(group["attention_mask"]).astype(bool)
+  last = jnp.max(jnp.where(mask, jnp.arange(mask.shape[1]), 0), axis=1)  # [bp]
+  first = jnp.take_along_axis(hp, last[:, None, None], axis=1)  # [bp, 1, D]
+  first = jnp.repeat(first, hr.shape[0] // hp.shape[0], axis=0)
+  return (jnp.concatenate([first, hr[:, :-1]], axis=1),
+          jnp.asarray(group["response_ids"], jnp.int32))
 
 
 def map_groups(fn: Callable[..., Any], batch: dict, *shared: Any) -> Any:

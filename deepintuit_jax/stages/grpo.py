@@ -117,7 +117,7 @@ def from_config(c) -> GRPORun:
       kl_coef=g.kl_coef, kl_kind=g.kl_kind, entropy_coef=g.entropy_coef,
       dynamic_sampling=g.dynamic_sampling, max_refills=g.max_refills,
       rewards=parse_rewards(g.rewards), logp_chunk=g.logp_chunk,
-      length_steps=g.length_steps, control=g.control)
+      length_steps=g.length_steps, share_prompt=g.share_prompt, control=g.control)
   num_steps, epochs = c.train.num_steps, c.train.epochs
   if num_steps <= 0 and epochs <= 0:
     raise ValueError("set train.num_steps > 0 or train.epochs > 0")
@@ -180,6 +180,8 @@ def run(cfg: GRPORun, *, workdir: str, mesh) -> dict[str, Any]:
       options=options, model_config=model_config, pad_id=chat.pad_id(setup.tokenizer),
       mesh=mesh, state_sharding=shardings, groups=groups,
       more_prompts=lambda: next(batches)[0], ref_params=ref.get("params"))
+  if jax.process_index() == 0:
+    print(f"learner batches: {learner.layout()}", flush=True)
   # Rows past the restored step (a killed run's) are dropped once, so each step has one row.
   writer = loop.MetricsWriter(workdir, resume_step=int(state.step), final_step=total)
   evaluate = common.Evaluator(workdir=workdir, graphdef=graphdef, setup=setup,

@@ -275,3 +275,123 @@ def test_length_steps_pad_less_with_the_same_logprobs_and_loss():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
                                                        rtol=1e-4, atol=1e-5),
                out[0][2], out[1][2])
+
+
+def _with_empty_row(ro, row):
+  """The rollout with response `row` cut to no tokens (a policy that stopped at once)."""
+  tokens, logp, lengths = ro.tokens.copy(), ro.logprobs.copy(), ro.lengths.copy()
+  tokens[row], logp[row], lengths[row] = PAD, 0.0, 0
+  return dataclasses.replace(ro, tokens=tokens, logprobs=logp, lengths=lengths)
+
+
+def test_prompt_shared_batch_holds_each_prompt_once_and_the_responses_aligned():
+  """share_prompt: each prompt and its video once; each response on its own row with its
+  tokens, the sampler's and the old log-probs response-aligned, and the rotary positions
+  that rope.get_rope_index gives its tokens in the full prompt ++ response row."""
+  ro = _with_empty_row(_rollout(seed=4, n=2, g=3, length=6), 4)
+  adv = np.linspace(-1.0, 1.0, 6).astype(np.float32)
+  old = ro.logprobs - 0.25
+  kw = dict(advantages=adv, options=OPTS, model_config=CFG, pad_id=PAD,
+            token_arrays={"old_logprobs": old})
+  rows = ro.micro_batch([0, 1], **kw)
+  sh = ro.micro_batch([0, 1], share_prompt=True, **kw)
+  assert sh["input_ids"].shape[0] == 2 and sh["response_ids"].shape[0] == 6
+  assert sh["response_ids"].shape[1] >= int(ro.lengths.max())
+  for p in (0, 1):
+    ids = ro.prompts[p]["input_ids"]
+    np.testing.assert_array_equal(sh["input_ids"][p][:len(ids)], ids)
+    assert sh["attention_mask"][p].sum() == len(ids)
+    np.testing.assert_array_equal(sh["pixel_values_videos"][32 * p:32 * (p + 1)],
+                                  ro.prompts[p]["pixel_values_videos"])
+  assert not sh["pixel_values_videos"][64:].any()  # two videos, not six
+  for i in range(6):
+    n, plen = int(ro.lengths[i]), len(ro.prompts[i // 3]["input_ids"])
+    np.testing.assert_array_equal(sh["response_ids"][i][:n], ro.tokens[i, :n])
+    assert (sh["response_ids"][i][n:] == PAD).all() and sh["loss_mask"][i].sum() == n
+    np.testing.assert_array_equal(sh["response_position_ids"][:, i, :n],
+                                  rows["position_ids"][:, i, plen:plen + n])
+    np.testing.assert_array_equal(sh["rollout_logprobs"][i][:n], ro.logprobs[i, :n])
+    np.testing.assert_array_equal(sh["old_logprobs"][i][:n], old[i, :n])
+    assert not sh["old_logprobs"][i][n:].any()
+  np.testing.assert_array_equal(sh["advantages"], adv)
+  grouped = ro.micro_batch([0, 1], share_prompt=True, groups=2, **kw)
+  assert grouped["input_ids"].shape[:2] == (2, 1)
+  assert grouped["response_ids"].shape[:2] == (2, 3)
+  assert grouped["response_position_ids"].shape[:3] == (2, 3, 3)
+  np.testing.assert_array_equal(grouped["response_position_ids"][1],
+                                sh["response_position_ids"][:, 3:])
+  np.testing.assert_array_equal(grouped["pixel_values_videos"][1][:32],
+                                ro.prompts[1]["pixel_values_videos"])
+
+
+def _learner(graphdef, tx, cfg_kw, share, **kw):
+  cfg = learner_lib.GRPOConfig(**cfg_kw, share_prompt=share)
+  return learner_lib.GRPOLearner(graphdef, tx, lambda s: 1.0, cfg=cfg, tokenizer=None,
+                                 options=OPTS, model_config=CFG, pad_id=PAD, **kw)
+
+
+def _both_layouts(graphdef, state, ro, adv, tx, cfg_kw, **kw):
+  """(old log-probs, step metrics, updated params) with one row per response and with
+  the prompt shared (micro-batches checked to have the layout asked for)."""
+  out = []
+  for share in (False, True):
+    learner = _learner(graphdef, tx, cfg_kw, share, **kw)
+    assert learner.layout().startswith("each prompt" if share else "one prompt ++ response")
+    old = learner._logprobs((state.params, state.frozen, state.rest), ro, adv)
+    micro = learner._micro_batches(ro, adv, {"old_logprobs": old - 0.05})
+    assert all(("response_ids" in mb) == share for mb in micro)
+    new, m = learner.update(jax.tree.map(jnp.copy, state), tuple(micro))
+    out.append((old, jax.device_get(m), jax.device_get(new.params)))
+  return out
+
+
+def _assert_same_step(state, rows, shared, scale=1.0):
+  np.testing.assert_allclose(shared[0], rows[0], rtol=1e-5, atol=2e-5)
+  assert float(rows[1]["loss_weight"]) == float(shared[1]["loss_weight"])
+  for k in ("loss", "entropy", "grad_norm", "ppo_kl", "pg_clipfrac"):
+    np.testing.assert_allclose(float(shared[1][k]), float(rows[1][k]), rtol=1e-4, atol=1e-6)
+  # SGD at lr 1: the parameter change is the gradient (to the parameters' float32 ulps).
+  for p0, a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(rows[2]),
+                      jax.tree.leaves(shared[2])):
+    p0, a, b = (np.asarray(x) for x in (p0, a, b))
+    ga, gb = p0 - a, p0 - b
+    tol = 1e-4 * np.abs(ga).max() + 4 * np.finfo(np.float32).eps * np.abs(p0).max()
+    assert np.abs(ga - gb).max() <= tol * scale
+
+
+def test_prompt_shared_learner_gives_the_rows_logprobs_and_gradient():
+  """The learner's old log-probs, loss metrics and gradient (an SGD step at lr 1) are those
+  of one prompt ++ response row per response, to float rounding: prompts of different
+  lengths (padding between prompt and response), a response with no tokens, chunked
+  log-probs, two micro-batches accumulated, the sampling temperature applied."""
+  graphdef, state, tx, _ = _setup(cfg=CFG, tx=optax_sgd())
+  ro = _with_empty_row(_rollout(seed=5, n=4, g=3, length=7), 7)
+  adv = np.linspace(-1.0, 1.0, 12).astype(np.float32)
+  cfg_kw = dict(group_size=3, prompts_per_rollout=4, mini_batch_prompts=4,
+                micro_batch_prompts=2, logp_chunk=5, temperature=0.7)
+  rows, shared = _both_layouts(graphdef, state, ro, adv, tx, cfg_kw)
+  assert float(rows[1]["ppo_kl"]) < -0.04  # old = current - 0.05: the ratio term is live
+  _assert_same_step(state, rows, shared)
+
+
+def test_prompt_shared_learner_on_a_mesh_with_data_parallel_groups():
+  """On 4 CPU devices (mesh 2 x 2: data x fsdp, two batch groups of whole prompts, each
+  device running the vision tower on its group's videos): the prompt-shared learner equals
+  the one-row-per-response learner."""
+  from deepintuit_jax.core import sharding as sharding_lib
+  mesh = sharding_lib.make_mesh((2, 2, 1), devices=jax.devices()[:4])
+  graphdef, state, tx, _ = _setup(cfg=CFG, tx=optax_sgd())
+  shardings = train_state.state_shardings(state, mesh)
+  state = jax.device_put(state, shardings)
+  ro = _rollout(seed=6, n=4, g=2, length=6)
+  adv = np.linspace(-1.0, 1.0, 8).astype(np.float32)
+  cfg_kw = dict(group_size=2, prompts_per_rollout=4, mini_batch_prompts=4, logp_chunk=0)
+  rows, shared = _both_layouts(graphdef, state, ro, adv, tx, cfg_kw, mesh=mesh,
+                               state_sharding=shardings, groups=2)
+  _assert_same_step(state, rows, shared)
+  # One prompt per micro-batch cannot split over 2 groups: rows, and the summary says why.
+  one = _learner(graphdef, tx, dict(cfg_kw, micro_batch_prompts=1), True, mesh=mesh,
+                 state_sharding=shardings, groups=2)
+  assert not one._shares_prompt()
+  assert "1 prompts per micro-batch do not divide over 2 batch groups" in one.layout()
+  assert all("response_ids" not in mb for mb in one._micro_batches(ro, adv))

@@ -174,9 +174,11 @@ def test_kl_to_reference_is_zero_at_the_start_and_steers_later_updates(start, to
 
 def test_entropy_bonus_enters_the_loss_as_minus_coef_times_entropy(start, tokenizer, baseline):
   """loss = pg_loss - coef * entropy (token-mean); the entropy is the policy's at the
-  response positions (NumPy, from a plain forward's logits); pg_loss as without the bonus."""
+  response positions (NumPy, from a plain forward's logits of the learner's rows: one
+  prompt ++ response row per response here); pg_loss as without the bonus (the baseline's
+  learner shares the prompt: equal to float rounding)."""
   coef = 0.1
-  learner, rec, state = _learner(start, tokenizer, entropy_coef=coef)
+  learner, rec, state = _learner(start, tokenizer, entropy_coef=coef, share_prompt=False)
   _, m = learner.iteration(state, _batch(*BATCHES[0]))
   m0 = baseline[2][0]
   np.testing.assert_allclose(m["loss"], m["pg_loss"] - coef * m["entropy"], rtol=1e-5,

@@ -70,6 +70,10 @@ class GRPOConfig:
   # steps (PipelineOptions.length_bucket): less padding, at most length_steps compiled
   # shapes per bucket for the update and log-prob passes; 1 = the buckets themselves.
   length_steps: int = 8
+  # The learner runs each prompt (and its video) once under its G responses
+  # (Qwen2_5_VL.prompt_and_responses) instead of once per response row; False = one row
+  # per response, prompt ++ response. The same log-probs and gradients to float rounding.
+  share_prompt: bool = True
   control: bool = False  # roll out and score only, never update (the frozen-policy control)
 
   def __post_init__(self):
@@ -287,6 +291,21 @@ class GRPOLearner:
     m = self.cfg.micro_prompts // self.procs
     return [range(i, i + m) for i in range(0, ro.num_prompts, m)]
 
+  def _shares_prompt(self) -> bool:
+    """Prompt-shared learner batches: when asked, and each batch group holds whole
+    prompts (the local prompts of a micro-batch divide over the groups)."""
+    return self.cfg.share_prompt and (self.cfg.micro_prompts // self.procs) % self.groups == 0
+
+  def layout(self) -> str:
+    """The learner batches' layout, in words (for the stage's summary)."""
+    if self._shares_prompt():
+      return (f"each prompt and its video once under its {self.cfg.group_size} responses "
+              "(grpo.share_prompt)")
+    why = (f"{self.cfg.micro_prompts // self.procs} prompts per micro-batch do not divide "
+           f"over {self.groups} batch groups" if self.cfg.share_prompt
+           else "grpo.share_prompt=False")
+    return f"one prompt ++ response row per response ({why})"
+
   def _micro_batches(self, ro, adv, token_arrays=None) -> list[dict]:
     """Host learner micro-batches of whole prompt groups, in prompt order, all padded to
     the largest (length, patch) buckets among them (agreed by every process), so that an
@@ -294,13 +313,17 @@ class GRPOLearner:
     accumulated micro-batches. The length is on the grid of cfg.length_steps steps per
     length bucket (at most that many shapes per bucket)."""
     ranges = self._prompt_ranges(ro)
+    shared = self._shares_prompt()
     needs = [ro.shape_needs(r, options=self.options, groups=self.groups,
-                            length_steps=self.cfg.length_steps) for r in ranges]
-    length, patches = pipeline.process_max((max(n[0] for n in needs), max(n[1] for n in needs)))
+                            length_steps=self.cfg.length_steps, share_prompt=shared)
+             for r in ranges]
+    shape = pipeline.process_max(tuple(max(n[i] for n in needs)
+                                       for i in range(len(needs[0]))))
     return [ro.micro_batch(r, advantages=adv, options=self.options,
                            model_config=self.model_config, pad_id=self.pad_id,
-                           groups=self.groups, token_arrays=token_arrays, length=length,
-                           patches=patches) for r in ranges]
+                           groups=self.groups, token_arrays=token_arrays, length=shape[0],
+                           patches=shape[1], response_length=shape[2] if shared else None,
+                           share_prompt=shared) for r in ranges]
 
   def _logprobs(self, params, ro, adv) -> np.ndarray:
     """[N*G, L] response-aligned log-probs of the rollout under `params` (a triple)."""
@@ -345,8 +368,7 @@ class GRPOLearner:
         steps.append(m)
         if not bool(m["ok"]):
           break
-        update_tokens += sum(int(np.asarray(mb["attention_mask"]).sum()) for mb in
-                             micro[i:i + per_step])
+        update_tokens += sum(_forward_tokens(mb) for mb in micro[i:i + per_step])
       if steps and not bool(steps[-1]["ok"]):
         break
     t_update = time.perf_counter() - t0
@@ -407,6 +429,13 @@ class GRPOLearner:
     state = state.replace(step=state.step + self.cfg.steps_per_rollout)
     return state, dict(stats, ok=True, optimizer_steps=0, rollout_time=t_rollout,
                        rollout_tokens_per_second=gen_tokens / max(t_rollout, 1e-9))
+
+
+def _forward_tokens(mb: dict) -> int:
+  """Real tokens a learner micro-batch's forward runs: every row's, and with a shared
+  prompt each prompt once plus its responses."""
+  n = int(np.asarray(mb["attention_mask"]).sum())
+  return n + (int(np.asarray(mb["loss_mask"]).sum()) if "response_ids" in mb else 0)
 
 
 def _reward_rows(total: np.ndarray, parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -30,7 +30,8 @@ from deepintuit_jax.data import batching, chat
 from deepintuit_jax.sampling import sampler
 
 # Per-row arrays of a learner batch besides the model inputs, with their row axis in a group.
-GRPO_ROW_AXES = {"advantages": 0, "rollout_logprobs": 0, "old_logprobs": 0, "ref_logprobs": 0}
+GRPO_ROW_AXES = {"advantages": 0, "rollout_logprobs": 0, "old_logprobs": 0, "ref_logprobs": 0,
+                 "response_ids": 0, "response_position_ids": 1}
 DEVICE_KEYS = ("input_ids", "attention_mask", "loss_mask", "position_ids",
                "pixel_values_videos", "video_layout")
 # The sampler's inputs of a prompt batch, and their row axes (row_ids: global prompt index).
@@ -108,10 +109,23 @@ class Rollout:
       starts.append(start)
     return examples, starts
 
+  def _prompt_examples(self, prompts: Sequence[int]) -> list[dict[str, Any]]:
+    """Per prompt its tokens and video as an example without a loss (shared batches)."""
+    return [dict(self.prompts[p], loss_mask=np.zeros(len(self.prompts[p]["input_ids"]),
+                                                     np.int32)) for p in prompts]
+
   def shape_needs(self, prompts: Sequence[int], *, options, groups: int = 1,
-                  length_steps: int = 1) -> tuple[int, int]:
+                  length_steps: int = 1, share_prompt: bool = False) -> tuple[int, ...]:
     """(length bucket, patch bucket) the micro-batch of these prompts needs (the length on
-    the finer grid of `length_steps`, see PipelineOptions.length_bucket)."""
+    the finer grid of `length_steps`, see PipelineOptions.length_bucket); with
+    share_prompt: (prompt length, patch bucket, response length)."""
+    if share_prompt:
+      examples = self._prompt_examples(prompts)
+      length, patches = batching.shape_needs(examples, batch_size=len(examples),
+                                             options=options, groups=groups,
+                                             length_steps=length_steps)
+      longest = max(int(self.lengths[r]) for r in self.rows(prompts))
+      return length, patches, options.length_bucket(max(longest, 1), length_steps)
     examples, _ = self._examples(self.rows(prompts))
     return batching.shape_needs(examples, batch_size=len(examples), options=options,
                                 groups=groups, length_steps=length_steps)
@@ -119,8 +133,11 @@ class Rollout:
   def micro_batch(self, prompts: Sequence[int], *, advantages: np.ndarray, options,
                   model_config, pad_id: int, groups: int = 1,
                   token_arrays: dict[str, np.ndarray] | None = None,
-                  length: int | None = None, patches: int | None = None) -> dict[str, Any]:
+                  length: int | None = None, patches: int | None = None,
+                  response_length: int | None = None, share_prompt: bool = False
+                  ) -> dict[str, Any]:
     """The learner batch of these prompts' G responses each (R = len(prompts) * G rows).
+    share_prompt: the prompt-shared layout instead (see `shared_batch`).
 
     advantages: [N*G] over all rows of the rollout (rows of `prompts` are taken);
     token_arrays: name -> [N*G, L] response-aligned arrays (e.g. old_logprobs), placed at
@@ -128,6 +145,11 @@ class Rollout:
     pad to these (e.g. the largest needs over an iteration's micro-batches: one shape).
     Returns the host batch: DEVICE_KEYS (see data/batching.py; grouped when groups > 1),
     advantages [R] / [G, R/G], rollout_logprobs and each token array [R, T] / [G, R/G, T]."""
+    if share_prompt:
+      return self.shared_batch(prompts, advantages=advantages, options=options,
+                               model_config=model_config, pad_id=pad_id, groups=groups,
+                               token_arrays=token_arrays, length=length, patches=patches,
+                               response_length=response_length)
     rows = self.rows(prompts)
     examples, starts = self._examples(rows)
     b = batching.collate(examples, batch_size=len(rows), options=options,
@@ -146,6 +168,63 @@ class Rollout:
     if groups > 1:
       for name in list(arrays) + ["advantages"]:
         out[name] = out[name].reshape((groups, len(rows) // groups) + out[name].shape[1:])
+    return out
+
+
+  def shared_batch(self, prompts: Sequence[int], *, advantages: np.ndarray, options,
+                   model_config, pad_id: int, groups: int = 1,
+                   token_arrays: dict[str, np.ndarray] | None = None,
+                   length: int | None = None, patches: int | None = None,
+                   response_length: int | None = None) -> dict[str, Any]:
+    """The prompt-shared learner batch of these prompts (Bp) and their G responses each
+    (R = Bp * G rows), for `Qwen2_5_VL.prompt_and_responses`: every prompt and its video
+    once, the responses on their own rows.
+
+    Returns: the prompts as `batching.collate` gives them (input_ids, attention_mask,
+    position_ids, pixel_values_videos, video_layout; right-padded to `length`);
+    response_ids [R, L] (pad_id after each response; L = `response_length`),
+    loss_mask [R, L] (the response's tokens), response_position_ids [3, R, L] (rotary
+    positions continuing the prompt's); advantages [R]; rollout_logprobs and each token
+    array [R, L], response-aligned as the rollout holds them. With groups > 1 every array
+    gets its leading group axis (prompts and their responses in the same group)."""
+    rows = self.rows(prompts)
+    g, r_n = self.group_size, len(rows)
+    b = batching.collate(self._prompt_examples(prompts), batch_size=len(prompts),
+                         options=options, model_config=model_config, pad_id=pad_id,
+                         groups=groups if groups > 1 else None, length=length,
+                         patches=patches)
+    out = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids",
+                             "pixel_values_videos", "video_layout")}
+    longest = max(int(self.lengths[r]) for r in rows)
+    lr = response_length or options.length_bucket(max(longest, 1))
+    if lr < longest:
+      raise ValueError(f"shared_batch: response_length={lr} is smaller than the {longest} "
+                       "these responses need")
+    # The prompt's next rotary position: its length plus its rope delta (their definition).
+    nxt = (np.asarray(b["rope_deltas"]).reshape(-1)
+           + np.asarray(b["attention_mask"]).reshape(len(prompts), -1).sum(-1))
+    ids = np.full((r_n, lr), pad_id, np.int32)
+    mask = np.zeros((r_n, lr), np.int32)
+    pos = np.zeros((r_n, lr), np.int32)
+    arrays = dict(rollout_logprobs=self.logprobs, **(token_arrays or {}))
+    placed = {name: np.zeros((r_n, lr), np.float32) for name in arrays}
+    for i, r in enumerate(rows):
+      n = int(self.lengths[r])
+      ids[i, :n], mask[i, :n] = self.tokens[r, :n], 1
+      pos[i, :n] = nxt[i // g] + np.arange(n)
+      for name, full in arrays.items():
+        placed[name][i, :n] = full[r, :n]
+    resp = dict(response_ids=ids, loss_mask=mask,
+                response_position_ids=np.broadcast_to(pos[None], (3, r_n, lr)).copy(),
+                advantages=np.asarray(advantages, np.float32)[rows], **placed)
+    if groups > 1:
+      per = r_n // groups
+      for name, x in resp.items():
+        if name == "response_position_ids":
+          resp[name] = x.reshape(3, groups, per, lr).transpose(1, 0, 2, 3).copy()
+        else:
+          resp[name] = x.reshape((groups, per) + x.shape[1:])
+    out.update(resp)
     return out
 
 

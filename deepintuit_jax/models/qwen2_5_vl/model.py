@@ -156,22 +156,14 @@ class Qwen2_5_VL(nnx.Module):
     Returns:
       Output(logits float32 | None, hidden_states, cache, rope_deltas [B], hidden).
     """
-    cfg = self.config
     ids = jnp.asarray(input_ids, jnp.int32)
     if ids.ndim != 2:
       raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
     mask = (jnp.ones(ids.shape, bool) if attention_mask is None
             else jnp.asarray(attention_mask).astype(bool))
     ids_host = _host(input_ids)
-    embeds = self.model.embed_tokens(ids)
-    if pixel_values is not None:
-      feats = self._vision_features("image", pixel_values, image_grid_thw, image_layout,
-                                    ids_host, cfg.image_token_id)
-      embeds = scatter_features(embeds, ids == cfg.image_token_id, feats)
-    if pixel_values_videos is not None:
-      feats = self._vision_features("video", pixel_values_videos, video_grid_thw, video_layout,
-                                    ids_host, cfg.video_token_id)
-      embeds = scatter_features(embeds, ids == cfg.video_token_id, feats)
+    embeds = self._embed(ids, ids_host, pixel_values, image_grid_thw, image_layout,
+                         pixel_values_videos, video_grid_thw, video_layout)
 
     host_deltas = None
     has_grids = image_grid_thw is not None or video_grid_thw is not None
@@ -203,6 +195,46 @@ class Qwen2_5_VL(nnx.Module):
       rope_deltas = (top - mask.sum(-1)).astype(jnp.int32)
     return Output(logits=logits, hidden_states=hidden_states, cache=cache,
                   rope_deltas=rope_deltas, hidden=hidden if return_hidden else None)
+
+  def _embed(self, ids, ids_host, pixel_values, image_grid_thw, image_layout,
+             pixel_values_videos, video_grid_thw, video_layout) -> jax.Array:
+    """Token embeddings [B, T, D] with the vision features scattered at their pad tokens."""
+    cfg = self.config
+    embeds = self.model.embed_tokens(ids)
+    if pixel_values is not None:
+      feats = self._vision_features("image", pixel_values, image_grid_thw, image_layout,
+                                    ids_host, cfg.image_token_id)
+      embeds = scatter_features(embeds, ids == cfg.image_token_id, feats)
+    if pixel_values_videos is not None:
+      feats = self._vision_features("video", pixel_values_videos, video_grid_thw, video_layout,
+                                    ids_host, cfg.video_token_id)
+      embeds = scatter_features(embeds, ids == cfg.video_token_id, feats)
+    return embeds
+
+  def prompt_and_responses(self, input_ids, attention_mask, position_ids, response_ids,
+                           response_mask, response_position_ids, *, pixel_values=None,
+                           image_layout=None, pixel_values_videos=None, video_layout=None
+                           ) -> tuple[jax.Array, jax.Array]:
+    """Final-normed hidden states of prompts and of n responses to each, the prompt (and
+    its vision tower) run once, not n times (`TextModel.prompt_and_responses`).
+
+    input_ids / attention_mask [Bp, P] (the prompts, any padding), position_ids
+    [3, Bp, P] (rope.get_rope_index), vision inputs as `__call__` (layouts required: this
+    runs inside jit); response_ids / response_mask [Bp * n, L] (rows r*n .. r*n+n-1 answer
+    prompt r), response_position_ids [3, Bp * n, L] (or [Bp * n, L]: text positions
+    continuing the prompt's). Returns (prompt hidden [Bp, P, D], response hidden
+    [Bp * n, L, D]), row for row what `__call__(..., return_hidden=True)` gives on
+    prompt ++ response (to float rounding)."""
+    ids = jnp.asarray(input_ids, jnp.int32)
+    rids = jnp.asarray(response_ids, jnp.int32)
+    embeds = self._embed(ids, None, pixel_values, None, image_layout, pixel_values_videos,
+                         None, video_layout)
+    rpos = jnp.asarray(response_position_ids, jnp.int32)
+    if rpos.ndim == 2:
+      rpos = jnp.broadcast_to(rpos[None], (3,) + rpos.shape)
+    return self.model.prompt_and_responses(
+        embeds, jnp.asarray(attention_mask).astype(bool), position_ids,
+        self.model.embed_tokens(rids), jnp.asarray(response_mask).astype(bool), rpos)
 
   def _host_rope_index(self, ids_host, attention_mask, image_grid_thw, video_grid_thw,
                        second_per_grid_ts, cache):

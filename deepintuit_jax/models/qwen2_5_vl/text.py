@@ -206,11 +206,7 @@ class Attention(nnx.Module):
 
     Returns (out [B, T, D], updated kv or None). Without a cache S == T.
     """
-    b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    q, k, v = self._qkv(x, cos, sin)
     if kv is not None:
       ck, cv = kv
       start = (0, index, 0, 0)
@@ -219,7 +215,38 @@ class Attention(nnx.Module):
       kv = (ck, cv)
       k, v = ck.astype(q.dtype), cv.astype(q.dtype)
     out = _attend(q, k, v, att, cached=kv is not None, prefix=prefix)
-    return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
+    return self._out(out), kv
+
+  def _qkv(self, x, cos, sin):
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+  def _out(self, out):
+    b, t = out.shape[:2]
+    return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+  def prompt_and_responses(self, xp, xr, rope_p, rope_r, att_p: AttentionInputs,
+                           att_r: AttentionInputs) -> tuple[jax.Array, jax.Array]:
+    """Prompts xp [Bp, P, D] and their responses xr [Bp * n, L, D] (rows r*n .. r*n+n-1
+    answer prompt r): the prompts attend as in `__call__` without a cache; each response
+    attends its prompt's keys (computed once per prompt, read by its n responses) and its
+    own, causally, in one softmax: the keys of prompt ++ response at slots [0, P + L),
+    its queries at slots P + arange(L) (att_r.q_positions). rope_p / rope_r: (cos, sin).
+    The responses run the blockwise kernel (or the reference on one tile) whatever the
+    backend: cuDNN and splash take no queries at an offset."""
+    qp, kp, vp = self._qkv(xp, *rope_p)
+    qr, kr, vr = self._qkv(xr, *rope_r)
+    out_p = _attend(qp, kp, vp, att_p, cached=False)
+    n = xr.shape[0] // xp.shape[0]
+    k = jnp.concatenate([jnp.repeat(kp, n, axis=0), kr], axis=1)
+    v = jnp.concatenate([jnp.repeat(vp, n, axis=0), vr], axis=1)
+    impl = "reference" if att_r.impl == "reference" else "blockwise"
+    out_r = attn_lib.attention(qr, k, v, att_r.q_segments, att_r.kv_segments, causal=True,
+                               impl=impl, q_positions=att_r.q_positions, block=att_r.block)
+    return self._out(out_p), self._out(out_r)
 
 
 def _attend(q, k, v, att: AttentionInputs, *, cached: bool, prefix=None) -> jax.Array:
@@ -273,6 +300,16 @@ class DecoderLayer(nnx.Module):
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, kv
+
+  def prompt_and_responses(self, xs, rope_p, rope_r, att_p, att_r):
+    """(prompts [Bp, P, D], responses [Bp * n, L, D]) -> the same; see
+    Attention.prompt_and_responses."""
+    xp, xr = xs
+    hp, hr = self.self_attn.prompt_and_responses(
+        self.input_layernorm(xp), self.input_layernorm(xr), rope_p, rope_r, att_p, att_r)
+    xp, xr = xp + hp, xr + hr
+    return (xp + self.mlp(self.post_attention_layernorm(xp)),
+            xr + self.mlp(self.post_attention_layernorm(xr)))
 
 
 def _gather_fsdp(state, mesh):
@@ -348,11 +385,8 @@ class TextModel(nnx.Module):
       att = AttentionInputs(q_segments=segments, kv_segments=segments, q_positions=None,
                             valid=attention_mask, impl=self._impl(segment_ids is not None),
                             block=self.opts.attention_block)
-      mesh = jax.sharding.get_abstract_mesh()
-      if not mesh.empty or jax.device_count() == 1:
-        x, hidden = self._scan_layers(x, cos, sin, att, output_hidden_states, mesh)
-      else:
-        x, hidden = self._unrolled_layers(x, cos, sin, att, output_hidden_states)
+      x, hidden = self._layers(x, lambda layer, x: layer(x, cos, sin, att)[0],
+                               output_hidden_states)
       index = None
     else:
       if segment_ids is not None:
@@ -398,19 +432,64 @@ class TextModel(nnx.Module):
     return attn_lib.resolve_impl(self.opts.attention_impl, dtype=self.opts.dtype,
                                  head_dim=self.config.head_dim, causal_text=True, packed=packed)
 
-  def _unrolled_layers(self, x, cos, sin, att: AttentionInputs, output_hidden_states: bool):
+  def prompt_and_responses(self, prompt_embeds: jax.Array, prompt_mask: jax.Array,
+                           prompt_positions: jax.Array, response_embeds: jax.Array,
+                           response_mask: jax.Array, response_positions: jax.Array
+                           ) -> tuple[jax.Array, jax.Array]:
+    """The decoder over prompts and their responses without repeating the prompts.
+
+    prompt_embeds [Bp, P, D], prompt_mask [Bp, P], prompt_positions [3, Bp, P];
+    response_embeds [Bp * n, L, D] (rows r*n .. r*n+n-1 answer prompt r, each starting at
+    slot P whatever its prompt's length), response_mask [Bp * n, L], response_positions
+    [3, Bp * n, L] (rotary positions continuing the prompt's). Response row i gets what the
+    row prompt ++ response i gives under `__call__` (to float rounding), at n times less
+    prompt work. Returns final-normed (prompt hidden [Bp, P, D], response hidden).
+    """
+    bp, p, _ = prompt_embeds.shape
+    br, l, _ = response_embeds.shape
+    if br % bp:
+      raise ValueError(f"{br} response rows do not group over {bp} prompts")
+    cfg, dt = self.config, self.opts.dtype
+    rope_p = mrope_cos_sin(jnp.asarray(prompt_positions, jnp.int32), cfg.head_dim,
+                           cfg.rope_theta, cfg.mrope_section)
+    rope_r = mrope_cos_sin(jnp.asarray(response_positions, jnp.int32), cfg.head_dim,
+                           cfg.rope_theta, cfg.mrope_section)
+    seg_p = jnp.asarray(prompt_mask).astype(jnp.int32)
+    seg_r = jnp.asarray(response_mask).astype(jnp.int32)
+    att_p = AttentionInputs(q_segments=seg_p, kv_segments=seg_p, q_positions=None,
+                            valid=seg_p > 0, impl=self._impl(False),
+                            block=self.opts.attention_block)
+    kv_seg = jnp.concatenate([jnp.repeat(seg_p, br // bp, axis=0), seg_r], axis=1)
+    att_r = AttentionInputs(q_segments=seg_r, kv_segments=kv_seg,
+                            q_positions=p + jnp.arange(l, dtype=jnp.int32), valid=seg_r > 0,
+                            impl=self._impl(False), block=self.opts.attention_block)
+    xs = (prompt_embeds.astype(dt), response_embeds.astype(dt))
+    (xp, xr), _ = self._layers(
+        xs, lambda layer, xs: layer.prompt_and_responses(xs, rope_p, rope_r, att_p, att_r),
+        False)
+    return self.norm(xp), self.norm(xr)
+
+  def _layers(self, x, call, output_hidden_states: bool):
+    """`x = call(layer, x)` through every layer: scanned (`_scan_layers`) with a mesh in
+    context or on one device, else unrolled. Returns (x, layer inputs | None)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty or jax.device_count() == 1:
+      return self._scan_layers(x, call, output_hidden_states, mesh)
+    return self._unrolled_layers(x, call, output_hidden_states)
+
+  def _unrolled_layers(self, x, call, output_hidden_states: bool):
     """One call per layer, each under `maybe_remat` (remat effective on GPU / TPU only)."""
-    call = maybe_remat(lambda layer, *a: layer(*a)[0], self.opts.remat)
+    call = maybe_remat(call, self.opts.remat)
     hidden = [] if output_hidden_states else None
     for layer in self.layers:
       if hidden is not None:
         hidden.append(x)
-      x = call(layer, x, cos, sin, att)
+      x = call(layer, x)
     return x, hidden
 
-  def _scan_layers(self, x, cos, sin, att: AttentionInputs, output_hidden_states: bool,
-                   mesh):
-    """All layers as one `lax.scan` over their parameters stacked per call.
+  def _scan_layers(self, x, call, output_hidden_states: bool, mesh):
+    """All layers as one `lax.scan` over their parameters stacked per call: the carry `x`
+    (an array or a tuple of them) goes through `call(layer, x)`.
 
     The scan is what makes remat real on every backend: its backward loop recomputes one
     layer at a time from the saved layer inputs (unrolled, XLA:CPU merges recomputation and
@@ -431,8 +510,7 @@ class TextModel(nnx.Module):
     def body(x, state):
       if not mesh.empty:
         state = _gather_fsdp(state, mesh)
-      y, _ = nnx.merge(graphdef, state)(x, cos, sin, att)
-      return y, (x if output_hidden_states else None)
+      return call(nnx.merge(graphdef, state), x), (x if output_hidden_states else None)
 
     if self.opts.remat != "none":
       body = jax.checkpoint(body, policy=remat_policy(self.opts.remat))
