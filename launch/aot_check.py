@@ -224,14 +224,15 @@ def _build(args, cfg, opts, mesh, kind: str) -> Built:
 
   groups = _groups(args, mesh)
   graphdef, tx, lr_fn, state, shardings = _train_state(args, cfg, opts, mesh, kind)
-  host = sharding_lib.as_groups(sft.device_batch(fake_batch(
-      cfg, batch=args.batch, groups=groups, text=args.text, frames=args.frames,
-      side=args.side)))
   shared = kind == "grpo" and shares_prompt(args, groups)
   if shared:
     host = sharding_lib.as_groups(fake_shared_grpo_batch(
         cfg, prompts=args.batch // args.group, group=args.group, groups=groups,
         text=args.text, frames=args.frames, side=args.side))
+  else:
+    host = sharding_lib.as_groups(sft.device_batch(fake_batch(
+        cfg, batch=args.batch, groups=groups, text=args.text, frames=args.frames,
+        side=args.side)))
   if kind == "grpo":
     host, step = grpo_step(graphdef, tx, lr_fn, host, mesh=mesh, shardings=shardings,
                            loss_chunk=args.loss_chunk)
@@ -263,11 +264,11 @@ def _build(args, cfg, opts, mesh, kind: str) -> Built:
 
 
 def shares_prompt(args, groups: int) -> bool:
-  """The GRPO learner's layout for these shapes (GRPOLearner._shares_prompt): prompt-shared
-  unless asked not to, or unless the batch's prompts (--batch / --group) do not divide over
-  the batch groups."""
+  """The GRPO learner's layout for these shapes (`learner.shares_prompt`) when --batch rows
+  are whole groups of --group responses."""
+  from deepintuit_jax.algorithms.grpo import learner
   prompts, rest = divmod(args.batch, args.group)
-  return args.share_prompt and not rest and prompts % groups == 0
+  return not rest and learner.shares_prompt(args.share_prompt, prompts, groups)
 
 
 def grpo_step(graphdef, tx, lr_fn, host: dict, *, mesh, shardings, loss_chunk: int):

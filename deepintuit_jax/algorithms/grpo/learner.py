@@ -292,9 +292,8 @@ class GRPOLearner:
     return [range(i, i + m) for i in range(0, ro.num_prompts, m)]
 
   def _shares_prompt(self) -> bool:
-    """Prompt-shared learner batches: when asked, and each batch group holds whole
-    prompts (the local prompts of a micro-batch divide over the groups)."""
-    return self.cfg.share_prompt and (self.cfg.micro_prompts // self.procs) % self.groups == 0
+    return shares_prompt(self.cfg.share_prompt, self.cfg.micro_prompts // self.procs,
+                         self.groups)
 
   def layout(self) -> str:
     """The learner batches' layout, in words (for the stage's summary)."""
@@ -429,6 +428,13 @@ class GRPOLearner:
     state = state.replace(step=state.step + self.cfg.steps_per_rollout)
     return state, dict(stats, ok=True, optimizer_steps=0, rollout_time=t_rollout,
                        rollout_tokens_per_second=gen_tokens / max(t_rollout, 1e-9))
+
+
+def shares_prompt(share_prompt: bool, prompts: int, groups: int) -> bool:
+  """Whether the learner's batches share each prompt (grpo.share_prompt): when asked, and
+  each of the `groups` batch groups holds whole prompts (a process's `prompts` per
+  micro-batch divide over them); else one prompt ++ response row per response."""
+  return share_prompt and prompts % groups == 0
 
 
 def _forward_tokens(mb: dict) -> int:

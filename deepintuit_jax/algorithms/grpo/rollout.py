@@ -156,20 +156,24 @@ class Rollout:
                          model_config=model_config, pad_id=pad_id,
                          groups=groups if groups > 1 else None, length=length, patches=patches)
     out = {k: b[k] for k in DEVICE_KEYS if b.get(k) is not None}
-    t = b["attention_mask"].shape[-1]
-    arrays = dict(rollout_logprobs=self.logprobs, **(token_arrays or {}))
-    for name, full in arrays.items():
-      placed = np.zeros((len(rows), t), np.float32)
+    out.update(_grouped(self._row_arrays(rows, starts, b["attention_mask"].shape[-1],
+                                         advantages, token_arrays), groups))
+    return out
+
+  def _row_arrays(self, rows: np.ndarray, starts: Sequence[int], width: int,
+                  advantages: np.ndarray, token_arrays: dict[str, np.ndarray] | None
+                  ) -> dict[str, np.ndarray]:
+    """Per row of `rows`: advantages [R], and the sampler's log-probs and each token array
+    [R, width] with the response's values from column `starts[i]` on (zeros elsewhere)."""
+    out = {}
+    for name, full in dict(rollout_logprobs=self.logprobs, **(token_arrays or {})).items():
+      placed = np.zeros((len(rows), width), np.float32)
       for i, (r, s) in enumerate(zip(rows, starts)):
         n = int(self.lengths[r])
         placed[i, s:s + n] = full[r, :n]
       out[name] = placed
     out["advantages"] = np.asarray(advantages, np.float32)[rows]
-    if groups > 1:
-      for name in list(arrays) + ["advantages"]:
-        out[name] = out[name].reshape((groups, len(rows) // groups) + out[name].shape[1:])
     return out
-
 
   def shared_batch(self, prompts: Sequence[int], *, advantages: np.ndarray, options,
                    model_config, pad_id: int, groups: int = 1,
@@ -206,26 +210,26 @@ class Rollout:
     ids = np.full((r_n, lr), pad_id, np.int32)
     mask = np.zeros((r_n, lr), np.int32)
     pos = np.zeros((r_n, lr), np.int32)
-    arrays = dict(rollout_logprobs=self.logprobs, **(token_arrays or {}))
-    placed = {name: np.zeros((r_n, lr), np.float32) for name in arrays}
     for i, r in enumerate(rows):
       n = int(self.lengths[r])
       ids[i, :n], mask[i, :n] = self.tokens[r, :n], 1
       pos[i, :n] = nxt[i // g] + np.arange(n)
-      for name, full in arrays.items():
-        placed[name][i, :n] = full[r, :n]
     resp = dict(response_ids=ids, loss_mask=mask,
-                response_position_ids=np.broadcast_to(pos[None], (3, r_n, lr)).copy(),
-                advantages=np.asarray(advantages, np.float32)[rows], **placed)
-    if groups > 1:
-      per = r_n // groups
-      for name, x in resp.items():
-        if name == "response_position_ids":
-          resp[name] = x.reshape(3, groups, per, lr).transpose(1, 0, 2, 3).copy()
-        else:
-          resp[name] = x.reshape((groups, per) + x.shape[1:])
-    out.update(resp)
+                **self._row_arrays(rows, [0] * r_n, lr, advantages, token_arrays))
+    out.update(_grouped(resp, groups))
+    # Rope rows first, as collate lays out position_ids: [3, R, L], grouped [G, 3, R/G, L].
+    pos3 = np.broadcast_to(pos[None], (3, r_n, lr))
+    out["response_position_ids"] = (
+        pos3.reshape(3, groups, r_n // groups, lr).transpose(1, 0, 2, 3).copy() if groups > 1
+        else pos3.copy())
     return out
+
+
+def _grouped(arrays: dict[str, np.ndarray], groups: int) -> dict[str, np.ndarray]:
+  """Row-major arrays [R, ...] -> [groups, R / groups, ...] (unchanged for one group)."""
+  if groups <= 1:
+    return arrays
+  return {k: x.reshape((groups, x.shape[0] // groups) + x.shape[1:]) for k, x in arrays.items()}
 
 
 def split_prompts(batch: dict[str, Any]) -> list[dict[str, Any]]:

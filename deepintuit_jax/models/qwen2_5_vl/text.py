@@ -456,13 +456,13 @@ class TextModel(nnx.Module):
                            cfg.rope_theta, cfg.mrope_section)
     seg_p = jnp.asarray(prompt_mask).astype(jnp.int32)
     seg_r = jnp.asarray(response_mask).astype(jnp.int32)
+    impl, block = self._impl(False), self.opts.attention_block
     att_p = AttentionInputs(q_segments=seg_p, kv_segments=seg_p, q_positions=None,
-                            valid=seg_p > 0, impl=self._impl(False),
-                            block=self.opts.attention_block)
+                            valid=seg_p > 0, impl=impl, block=block)
     kv_seg = jnp.concatenate([jnp.repeat(seg_p, br // bp, axis=0), seg_r], axis=1)
     att_r = AttentionInputs(q_segments=seg_r, kv_segments=kv_seg,
                             q_positions=p + jnp.arange(l, dtype=jnp.int32), valid=seg_r > 0,
-                            impl=self._impl(False), block=self.opts.attention_block)
+                            impl=impl, block=block)
     xs = (prompt_embeds.astype(dt), response_embeds.astype(dt))
     (xp, xr), _ = self._layers(
         xs, lambda layer, xs: layer.prompt_and_responses(xs, rope_p, rope_r, att_p, att_r),
